@@ -1,0 +1,54 @@
+# The README's two commands: `make demo` and `make test`. Each creates or updates the
+# virtualenv and installs what it needs, Debian's prometheus package included.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+
+.PHONY: demo test lint unit integration bench system-deps install clean
+
+demo: install system-deps
+	$(BIN)/gpuledger demo
+
+test: install system-deps lint
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy models
+	$(BIN)/sqlfluff lint dbt/models
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+integration: install system-deps
+	$(BIN)/pytest tests/integration
+
+bench: install system-deps
+	$(BIN)/python bench/simulate.py
+
+install: $(STAMP)
+
+# Re-install whenever the dependency pins change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+		echo "python venv unavailable: installing python3-venv"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && \
+		$(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+# Prometheus and promtool come from Debian (2.42); installed only when missing.
+system-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		echo "installing Debian package prometheus (prometheus, promtool)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+
+clean:
+	rm -rf $(VENV) .gpuledger .pytest_cache .mypy_cache .ruff_cache dbt/target

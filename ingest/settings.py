@@ -1,0 +1,162 @@
+"""One settings layer for every command: environment variables over a TOML file.
+
+Sources, highest priority first:
+1. environment variables `GPULEDGER_<FIELD>`, nested with `__`
+   (`GPULEDGER_KAFKA__BOOTSTRAP_SERVERS=broker-1:9093`);
+2. the TOML file named by `--config` or `GPULEDGER_CONFIG`, else `./gpuledger.toml`
+   when it exists;
+3. the defaults below.
+
+Unset Kafka and Prometheus endpoints mean "the local stack" (`gpuledger stack up`);
+pointing at a real cluster is a matter of setting them. Settings are read when a
+command runs, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from models.errors import InputError
+from models.usage_event import USAGE_TOPIC_V1
+
+CONFIG_ENV_VAR = "GPULEDGER_CONFIG"
+DEFAULT_CONFIG_FILE = Path("gpuledger.toml")
+_explicit_config: ContextVar[Path | None] = ContextVar("gpuledger_config_file", default=None)
+
+
+class KafkaSettings(BaseModel):
+    """Where usage events travel. kafka-python option names, lower-cased."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_servers: str | None = Field(
+        default=None, description="host:port[,host:port]; unset = the local stack's broker"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    topic: str = Field(default=USAGE_TOPIC_V1, min_length=1)
+    topic_partitions: int = Field(default=8, ge=1, le=1024, description="when we create it")
+    request_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class PrometheusSettings(BaseModel):
+    """Where DCGM telemetry is read. Unset url = the local stack's Prometheus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, description="http(s)://host:port[/prefix]")
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    verify_tls: bool = True
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class StackSettings(BaseModel):
+    """The embedded local stack (Tansu broker and Prometheus on 127.0.0.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kafka_port: int | None = Field(default=None, ge=1, le=65535, description="unset = free port")
+    prometheus_port: int | None = Field(default=None, ge=1, le=65535)
+    scrape_interval_s: int = Field(default=15, ge=1, le=3600)
+    prometheus_retention: str = Field(
+        default="3650d",
+        pattern=r"^[0-9]+[smhdwy]$",
+        description="long enough to keep a simulated past (the default 15d deletes it)",
+    )
+    start_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of gpuledger's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPULEDGER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    state_dir: Path = Field(
+        default=Path(".gpuledger"), description="local state: stack, simulations, warehouse"
+    )
+    duckdb_path: Path | None = Field(
+        default=None, description="unset = <state_dir>/warehouse.duckdb"
+    )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.duckdb_path or self.state_dir / "warehouse.duckdb"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = _config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def _config_file() -> Path | None:
+    explicit = _explicit_config.get()
+    if explicit is not None:
+        return explicit
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings now; errors name the field and where settings come from."""
+    token = _explicit_config.set(config_file)
+    try:
+        return _load(**overrides)
+    finally:
+        _explicit_config.reset(token)
+
+
+def _load(**overrides: Any) -> Settings:
+    source_file = _config_file()
+    if source_file is not None and not source_file.is_file():
+        raise InputError(f"settings: config file {source_file} does not exist")
+    where = (
+        f"GPULEDGER_* environment or {source_file}" if source_file else "GPULEDGER_* environment"
+    )
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        more = len(exc.errors()) - 1
+        tail = f" (and {more} more)" if more else ""
+        raise InputError(f"settings: {field}: {first['msg']} (from {where}){tail}") from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise InputError(f"settings: cannot read {source_file}: {exc}") from None

@@ -1,0 +1,1 @@
+"""Orchestration: the Dagster definitions and the `gpuledger` command line."""

@@ -1,0 +1,1 @@
+"""Domain folders, each exposing `definitions() -> dagster.Definitions`."""
