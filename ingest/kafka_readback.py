@@ -28,6 +28,8 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int = -1
 
 
 def read_topic(
@@ -82,7 +84,14 @@ def read_topic(
             for tp, records in batch.items():
                 for record in records:
                     count += 1
-                    yield Record(tp.partition, record.offset, record.key, record.value)
+                    yield Record(
+                        tp.partition,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        tuple(record.headers or ()),
+                        record.timestamp,
+                    )
             if on_progress is not None:
                 on_progress(count)
     except KafkaError as exc:

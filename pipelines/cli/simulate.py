@@ -175,11 +175,31 @@ def simulate_command(
             help="Write TSDB blocks here (for another Prometheus) instead of loading them."
         ),
     ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            help="Live mode: the window starts now; serve /metrics like dcgm-exporter for "
+            "Prometheus to scrape and publish each event when its request ends."
+        ),
+    ] = False,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Live mode: exporter port (0 = any free).")
+    ] = 9400,
 ) -> None:
     """Simulate a fleet: usage events to Kafka, DCGM telemetry into Prometheus, truth to Parquet."""
     settings = state(ctx).settings()
-    window_start = parse_start(start)
-    preflight(settings, to_kafka=kafka, to_prometheus=prometheus and blocks_dir is None)
+    if live and (start is not None or blocks_dir is not None):
+        raise InputError("--live starts the window now; it takes neither --start nor --blocks-dir")
+    # Live mode starts the window a moment ahead, so simulating does not eat into it.
+    window_start = (
+        datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+        if live
+        else parse_start(start)
+    )
+    if live:
+        preflight(settings, to_kafka=kafka, to_prometheus=False)
+    else:
+        preflight(settings, to_kafka=kafka, to_prometheus=prometheus and blocks_dir is None)
     spec = (
         load_fleet(fleet)
         if fleet is not None
@@ -220,6 +240,11 @@ def simulate_command(
         trace=trace_requests,
     )
     out_dir = out or settings.state_dir / "simulations" / f"{window_start:%Y%m%dT%H%M%SZ}-s{seed}"
+    if live:
+        run_live_mode(
+            spec, config, settings, out_dir, port=port, register=prometheus, publish=kafka
+        )
+        return
     result, report, elapsed = run_simulation(
         spec,
         config,
@@ -258,6 +283,45 @@ def run_simulation(
             on_published=progress.counter("events published", result.requests.height),
         )
     return result, report, time.perf_counter() - began
+
+
+def run_live_mode(
+    spec: FleetSpec,
+    config: SimulationConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    port: int,
+    register: bool,
+    publish: bool,
+) -> None:
+    """Precompute the window, then play it out in real time until its end or Ctrl-C."""
+    from ingest.simulator.delivery import write_outputs
+    from ingest.simulator.live import LiveStatus, run_live
+
+    with StepProgress(console) as progress:
+        result = progress.run(
+            "simulating", lambda: simulate(spec, config, on_step=progress.substep)
+        )
+        progress.run("writing ground truth", lambda: write_outputs(result, out_dir))
+    console.print(
+        f"Live: {len(result.fleet.gpus)} GPUs, {result.requests.height:,} requests over "
+        f"{config.duration_s / 3600:g} h from {config.start:%H:%M:%S} UTC; truth in {out_dir}"
+    )
+    console.print("  Ctrl-C stops; events of requests that have ended are flushed first.")
+
+    def tick(status: LiveStatus) -> None:
+        if status.sim_s >= 0 and int(status.sim_s) % 60 == 0:
+            console.print(
+                f"  {status.sim_s / 60:5.0f} min: {status.scrapes:,} scrapes served at "
+                f"{status.url}, {status.published:,} events published, {status.pending:,} to come"
+            )
+
+    report = run_live(result, settings, port=port, register=register, publish=publish, on_tick=tick)
+    console.print(
+        f"Stopped ({report.reason}): {report.published:,}/{report.events:,} events published, "
+        f"{report.scrapes:,} scrapes served at {report.url}"
+    )
 
 
 def print_summary(result: SimulationResult, report: DeliveryReport, elapsed_s: float) -> None:
