@@ -31,8 +31,12 @@ import polars as pl
 from ingest.simulator.telemetry import DCGM_INT64_BLANK, METRICS, Telemetry
 from models.errors import ServiceError
 
-#: Larger blocks mean fewer files for Prometheus to open; promtool's default is 2 h.
-MAX_BLOCK_DURATION = "24h"
+#: promtool re-reads the input once per block window, so its time grows with the number
+#: of windows the data spans. Measured here on 5.1 M samples of a simulated week (one
+#: of two files): 337 s with its default 2 h, 52 s with 24 h, 16 s with 168 h, 14 s with
+#: one window per year. Prometheus serves blocks of any length (the local stack's
+#: retention of 10 years lets it keep them whole).
+MAX_BLOCK_DURATION = "8760h"
 
 StepCallback = Callable[[str], None]
 

@@ -127,14 +127,17 @@ def deliver(
     step = on_step or (lambda _name: None)
     step("writing files")
     write_outputs(result, out_dir)
+    step("")
     stack = LocalStack(settings)
     data_dir: Path | None = None
     url: str | None = None
     if to_prometheus and blocks_dir is None:
         url = preflight(settings, to_kafka=False, to_prometheus=True)
         data_dir = stack.prometheus_data_dir
-    step("serialising events")
-    events = event_payloads(result)
+    events = None
+    if to_kafka:
+        step("serialising events")
+        events = event_payloads(result)
 
     def load_telemetry() -> tuple[BackfillReport, float]:
         began = time.perf_counter()
@@ -163,7 +166,7 @@ def deliver(
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load_telemetry) if (to_prometheus or blocks_dir) else None
         try:
-            if to_kafka:
+            if events is not None:
                 step("publishing events")
                 began = time.perf_counter()
                 published = publish(
@@ -184,7 +187,7 @@ def deliver(
             backfill_report, backfill_s = pending.result()
     return DeliveryReport(
         out_dir=out_dir,
-        events=events.height,
+        events=result.requests.height,
         published=published,
         publish_s=publish_s,
         backfill=backfill_report,

@@ -269,9 +269,7 @@ def run_simulation(
 ) -> tuple[SimulationResult, DeliveryReport, float]:
     began = time.perf_counter()
     with StepProgress(console) as progress:
-        result = progress.run(
-            "simulating", lambda: simulate(spec, config, on_step=progress.substep)
-        )
+        result = simulate(spec, config, on_step=progress.substep)
         report = deliver(
             result,
             settings,
@@ -300,9 +298,7 @@ def run_live_mode(
     from ingest.simulator.live import LiveStatus, run_live
 
     with StepProgress(console) as progress:
-        result = progress.run(
-            "simulating", lambda: simulate(spec, config, on_step=progress.substep)
-        )
+        result = simulate(spec, config, on_step=progress.substep)
         progress.run("writing ground truth", lambda: write_outputs(result, out_dir))
     console.print(
         f"Live: {len(result.fleet.gpus)} GPUs, {result.requests.height:,} requests over "
