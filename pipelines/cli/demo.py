@@ -71,7 +71,7 @@ def kafka_by_tenant(settings: Settings, result: SimulationResult) -> None:
     records = 0
     with StepProgress(console) as progress:
         progress.substep(f"reading {settings.kafka.topic} back")
-        advance = progress.counter("records read", 0)
+        advance = progress.counter("records read", None)
         for record in read_topic(settings, on_progress=advance):
             records += 1
             event = orjson.loads(record.value)
@@ -118,8 +118,9 @@ def prometheus_series(settings: Settings, result: SimulationResult) -> None:
         .agg(pl.len().alias("samples"), pl.col("series_id").n_unique().alias("series"))
     )
     table = Table(title="DCGM telemetry", title_justify="left")
-    for column in ("metric", "series", "samples written", "samples in Prometheus"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table.add_column("metric", no_wrap=True)
+    for column in ("series", "written", "in Prometheus"):
+        table.add_column(column, justify="right")
     for metric, n_samples, n_series in written.sort("metric").iter_rows():
         table.add_row(
             metric,

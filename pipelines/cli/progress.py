@@ -81,8 +81,8 @@ class StepProgress:
         self._finish_step()
         return result
 
-    def counter(self, label: str, total: int) -> Callable[[int], None]:
-        """A callback that advances a bar of `total` items."""
+    def counter(self, label: str, total: int | None) -> Callable[[int], None]:
+        """A callback that advances a bar of `total` items (None: unknown total)."""
         task: TaskID | None = None
 
         def advance(count: int) -> None:
