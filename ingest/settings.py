@@ -84,6 +84,50 @@ class StackSettings(BaseModel):
     start_timeout_s: float = Field(default=30.0, gt=0)
 
 
+class IngestSettings(BaseModel):
+    """How usage events are consumed into the lake, and what gets quarantined."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_max_records: int = Field(default=50_000, ge=1, le=5_000_000)
+    batch_max_s: float = Field(default=2.0, gt=0, description="flush at least this often")
+    lateness_watermark_s: float = Field(
+        default=900.0, ge=0, description="how long after an hour its events may still arrive"
+    )
+    max_prompt_tokens: int = Field(
+        default=2_000_000, ge=1, description="above any context window: absurd, quarantined"
+    )
+    max_completion_tokens: int = Field(default=1_000_000, ge=1)
+    max_future_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        le=3.2e9,
+        description="event time further ahead of ingest is quarantined",
+    )
+    tenants_file: Path | None = Field(
+        default=None,
+        description="registry of known tenants; unset = <state_dir>/tenants.yaml when present, "
+        "else every tenant is accepted",
+    )
+    consumer_group: str = Field(
+        default="gpuledger-usage", min_length=1, description="offsets committed here (advisory)"
+    )
+    lock_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class TelemetrySettings(BaseModel):
+    """How DCGM samples are read from Prometheus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_window_s: int = Field(default=3600, ge=60, le=86_400, description="one query per window")
+    series_per_query: int = Field(default=512, ge=1, description="GPUs per query, at most")
+    scrape_interval_s: float = Field(default=15.0, gt=0, description="expected, for coverage")
+    job: str | None = Field(default=None, description="restrict to this Prometheus job")
+    retries: int = Field(default=5, ge=0, le=20)
+    backoff_s: float = Field(default=1.0, ge=0)
+
+
 class Settings(BaseSettings):
     """All of gpuledger's settings."""
 
@@ -100,13 +144,26 @@ class Settings(BaseSettings):
     duckdb_path: Path | None = Field(
         default=None, description="unset = <state_dir>/warehouse.duckdb"
     )
+    lake_dir: Path | None = Field(
+        default=None, description="the Parquet lake; unset = <state_dir>/lake"
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @property
     def warehouse_path(self) -> Path:
         return self.duckdb_path or self.state_dir / "warehouse.duckdb"
+
+    @property
+    def lake_path(self) -> Path:
+        return self.lake_dir or self.state_dir / "lake"
+
+    @property
+    def tenants_path(self) -> Path:
+        return self.ingest.tenants_file or self.state_dir / "tenants.yaml"
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ Rules beyond types, each named in validation errors:
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -23,9 +24,11 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -45,11 +48,38 @@ MAX_TOKENS = 2**31 - 1
 RequestStatus = Literal["ok", "error", "cancelled"]
 
 
+#: Timestamps on the wire: RFC 3339 with a zone, at most microseconds, years 1900-2199.
+#: Stricter than pydantic's own parser on purpose, so that the vectorised validator of
+#: the consumer (`ingest/usage_validation.py`) can apply exactly the same rule.
+RFC3339_PATTERN = (
+    r"^(19|20|21)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+
+
+def _rfc3339_string(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value  # built in code, not parsed from the wire
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError(
+            "rule rfc3339: expected an RFC 3339 timestamp string with a zone, "
+            "e.g. 2026-11-23T10:00:00.120Z"
+        )
+    return value
+
+
 def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+UtcDatetime = Annotated[
+    AwareDatetime,
+    BeforeValidator(_rfc3339_string),
+    AfterValidator(_to_utc),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}),
+]
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 GpuUuid = Annotated[
     str,

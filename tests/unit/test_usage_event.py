@@ -84,7 +84,15 @@ def test_a_valid_event_parses_and_times_become_utc() -> None:
         ({"completion_tokens": 2**31}, "data.completion_tokens", "less_than_equal"),
         ({"completion_tokens": 1.5}, "data.completion_tokens", "int_type"),
         ({"completion_tokens": "12"}, "data.completion_tokens", "int_type"),
-        ({"arrival_time": "2026-11-23T10:00:00"}, "data.arrival_time", "timezone_aware"),
+        ({"arrival_time": "2026-11-23T10:00:00"}, "data.arrival_time", "rfc3339"),
+        ({"arrival_time": 1795392000}, "data.arrival_time", "rfc3339"),
+        ({"arrival_time": "2026-11-23t10:00:00z"}, "data.arrival_time", "rfc3339"),
+        ({"arrival_time": "2026-11-23T10:00:00.1234567Z"}, "data.arrival_time", "rfc3339"),
+        (
+            {"arrival_time": "2026-02-30T10:00:00Z"},
+            "data.arrival_time",
+            "datetime_from_date_parsing",
+        ),
         ({"status": "done"}, "data.status", "literal_error"),
         ({"gpu_uuids": []}, "data.gpu_uuids", "too_short"),
         ({"gpu_uuids": ["nvidia0"]}, "data.gpu_uuids.0", "string_pattern_mismatch"),
@@ -108,7 +116,7 @@ def test_each_rule_is_named_with_its_field(
         ({"type": "com.example.other"}, "type", "literal_error"),
         ({"subject": "acme corp"}, "subject", "string_pattern_mismatch"),
         ({"id": ""}, "id", "string_too_short"),
-        ({"time": "yesterday"}, "time", "datetime_from_date_parsing"),
+        ({"time": "yesterday"}, "time", "rfc3339"),
     ],
 )
 def test_envelope_rules(envelope: dict[str, Any], field: str, rule: str) -> None:
