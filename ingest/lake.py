@@ -15,7 +15,8 @@ Layout (`settings.lake_path`):
 
     usage/landing/topic=<topic>/partition=<p>/<first offset>-<last offset>.parquet
         every Kafka record exactly once, decoded, with quarantine reasons
-    usage/events/hour=<YYYY-MM-DDTHH>/events.parquet (+ conflicts.parquet, _manifest.json)
+    usage/events/topic=<topic>/hour=<YYYY-MM-DDTHH>/events.parquet
+        (+ quarantine.parquet, _manifest.json)
         one row per event id whose time falls in the hour (first copy wins)
     telemetry/samples/hour=<YYYY-MM-DDTHH>/samples.parquet (+ _manifest.json)
         DCGM samples per GPU as scraped, with resets, gaps and placeholders marked
@@ -65,8 +66,11 @@ class Lake:
     def usage_events(self) -> Path:
         return self.root / "usage" / "events"
 
-    def usage_hour_dir(self, hour_start: datetime) -> Path:
-        return self.usage_events / f"hour={hour_key(hour_start)}"
+    def usage_topic_dir(self, topic: str) -> Path:
+        return self.usage_events / f"topic={topic}"
+
+    def usage_hour_dir(self, topic: str, hour_start: datetime) -> Path:
+        return self.usage_topic_dir(topic) / f"hour={hour_key(hour_start)}"
 
     @property
     def telemetry_samples(self) -> Path:

@@ -292,7 +292,7 @@ def materialize_usage_hours(
             }
         ).cast(QUARANTINE_SCHEMA)
         all_quarantine = pa.concat_tables([quarantine.cast(QUARANTINE_SCHEMA), conflict_rows])
-        directory = lake.usage_hour_dir(hour)
+        directory = lake.usage_hour_dir(name, hour)
         previous = read_manifest(directory / "_manifest.json")
         late = _count_late(events, previous)
         write_parquet_atomic(events.cast(EVENTS_SCHEMA), directory / "events.parquet")
@@ -361,8 +361,9 @@ def late_events(settings: Settings, *, topic: str | None = None) -> pl.DataFrame
     name = topic or settings.kafka.topic
     lake = Lake(settings.lake_path)
     built: dict[datetime, dict[int, int]] = {}
-    if lake.usage_events.is_dir():
-        for manifest_path in sorted(lake.usage_events.glob("hour=*/_manifest.json")):
+    topic_dir = lake.usage_topic_dir(name)
+    if topic_dir.is_dir():
+        for manifest_path in sorted(topic_dir.glob("hour=*/_manifest.json")):
             manifest = read_manifest(manifest_path)
             if manifest is None or manifest.get("topic") != name:
                 continue
@@ -388,7 +389,7 @@ def late_events(settings: Settings, *, topic: str | None = None) -> pl.DataFrame
     )
     hours = pa.array(list(built), _TS)
     con.register("built_hours", pa.table({"hour_start": hours}))
-    known = [str(lake.usage_hour_dir(h) / "events.parquet") for h in built]
+    known = [str(lake.usage_hour_dir(name, h) / "events.parquet") for h in built]
     known = [k for k in known if Path(k).is_file()]
     if known:
         con.execute(f"CREATE TEMP VIEW known AS SELECT event_id FROM read_parquet({known!r})")

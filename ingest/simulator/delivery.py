@@ -38,6 +38,7 @@ from ingest.simulator.events import usage_event_frame
 from ingest.simulator.run import SimulationResult
 from ingest.stack import LocalStack
 from ingest.telemetry_backfill import BackfillReport, backfill, delete_window
+from ingest.usage_consumer import register_tenants
 from ingest.usage_publisher import PublishReport, publish
 from models.errors import ServiceError
 
@@ -127,6 +128,9 @@ def deliver(
     step = on_step or (lambda _name: None)
     step("writing files")
     write_outputs(result, out_dir)
+    if to_kafka:
+        # The consumer quarantines events of tenants it does not know: register ours.
+        register_tenants(settings, [t.id for t in result.fleet.spec.tenants])
     step("")
     stack = LocalStack(settings)
     data_dir: Path | None = None

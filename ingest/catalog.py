@@ -1,0 +1,112 @@
+"""The DuckDB catalog over the lake: views any SQL client (and dbt) can query.
+
+`warehouse.duckdb` holds no rows of its own for the raw layer, only views over the
+lake's Parquet files, so writers never contend for the database file and a reader
+sees every file that has landed (a file appears whole or not at all). Each dataset
+keeps a zero-row `_empty.parquet` with its schema, so a view works before the first
+file lands.
+
+Views (schema `raw`):
+- `usage_landing`     every Kafka record, decoded, with quarantine reasons
+- `usage_events`      one row per event id, per hour (first copy wins)
+- `usage_quarantine`  invalid events and conflicting duplicates, per hour
+- `usage_hours`       the manifests of built hours (counts, positions, late events)
+- `gpu_telemetry`     DCGM samples per GPU as scraped, per hour
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from ingest.lake import Lake, ensure_empty_file
+from ingest.settings import Settings
+from ingest.telemetry_reader import TELEMETRY_SCHEMA
+from ingest.usage_hours import EVENTS_SCHEMA, QUARANTINE_SCHEMA
+from ingest.usage_validation import LANDING_SCHEMA
+
+RAW_VIEWS = ("usage_landing", "usage_events", "usage_quarantine", "usage_hours", "gpu_telemetry")
+
+
+def _datasets(lake: Lake) -> dict[str, tuple[Path, str, pa.Schema]]:
+    """View name -> (dataset root, glob below it, the zero-row placeholder's name)."""
+    return {
+        "usage_landing": (lake.usage_landing, "*.parquet", LANDING_SCHEMA),
+        "usage_events": (lake.usage_events, "events.parquet", EVENTS_SCHEMA),
+        "usage_quarantine": (lake.usage_events, "quarantine.parquet", QUARANTINE_SCHEMA),
+        "gpu_telemetry": (lake.telemetry_samples, "samples.parquet", TELEMETRY_SCHEMA),
+    }
+
+
+def ensure_lake(settings: Settings) -> Lake:
+    """Create the lake's dataset roots with their zero-row schema files."""
+    lake = Lake(settings.lake_path.resolve())
+    for root, name, schema in _datasets(lake).values():
+        # `_empty/<name>` matches the view's `**/<name>` glob, so the view is valid (and
+        # empty) before the first real file lands.
+        placeholder = "empty.parquet" if name == "*.parquet" else name
+        ensure_empty_file(root / "_empty" / placeholder, schema)
+    return lake
+
+
+def view_sql(settings: Settings) -> list[str]:
+    lake = ensure_lake(settings)
+    statements = ["CREATE SCHEMA IF NOT EXISTS raw"]
+    for view, (root, name, _) in _datasets(lake).items():
+        pattern = str(root / "**" / name)
+        statements.append(
+            f"CREATE OR REPLACE VIEW raw.{view} AS "
+            f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+        )
+    manifests = str(lake.usage_events / "topic=*" / "hour=*" / "_manifest.json")
+    statements.append(
+        "CREATE OR REPLACE VIEW raw.usage_hours AS "
+        "SELECT * FROM read_json(["
+        f"'{manifests}'], union_by_name = true, ignore_errors = true) "
+        if any(lake.usage_events.glob("topic=*/hour=*/_manifest.json"))
+        else "CREATE OR REPLACE VIEW raw.usage_hours AS SELECT NULL::VARCHAR AS hour, "
+        "NULL::VARCHAR AS topic, NULL::BIGINT AS events WHERE false"
+    )
+    return statements
+
+
+def ensure_catalog(settings: Settings) -> Path:
+    """Create or refresh the raw views in the warehouse file; returns its path."""
+    path = settings.warehouse_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(path)) as con:
+        for statement in view_sql(settings):
+            con.execute(statement)
+    return path
+
+
+def connect(settings: Settings, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A connection to the warehouse with the raw views in place (UTC session)."""
+    path = settings.warehouse_path
+    if not path.exists() or not read_only or not _has_views(path):
+        ensure_catalog(settings)
+    con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _has_views(path: Path) -> bool:
+    with duckdb.connect(str(path), read_only=True) as con:
+        found = {
+            row[0]
+            for row in con.sql(
+                "SELECT view_name FROM duckdb_views() WHERE schema_name = 'raw'"
+            ).fetchall()
+        }
+    return set(RAW_VIEWS) <= found
+
+
+def in_memory(settings: Settings) -> duckdb.DuckDBPyConnection:
+    """The raw views in a private in-memory database (no lock on the warehouse file)."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    for statement in view_sql(settings):
+        con.execute(statement)
+    return con
