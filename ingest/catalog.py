@@ -58,7 +58,8 @@ def view_sql(settings: Settings) -> list[str]:
         pattern = str(root / "**" / name)
         statements.append(
             f"CREATE OR REPLACE VIEW raw.{view} AS "
-            f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+            f"SELECT * FROM read_parquet('{pattern}', union_by_name = true, "
+            "hive_partitioning = false)"
         )
     manifests = str(lake.usage_events / "topic=*" / "hour=*" / "_manifest.json")
     statements.append(

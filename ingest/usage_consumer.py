@@ -68,6 +68,30 @@ def landed_next_offset(directory: Path) -> int | None:
     return last + 1 if last >= 0 else None
 
 
+def _read_registry(path: Path) -> list[dict[str, object]]:
+    """The entries of a registry file (each with an `id`); problems name the file."""
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(
+            f"tenant registry {path}: not valid YAML: {str(exc).splitlines()[0]}"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"tenant registry {path}: cannot read: {exc.strerror}") from None
+    tenants = document.get("tenants") if isinstance(document, dict) else None
+    if not isinstance(tenants, list):
+        raise InputError(f"tenant registry {path}: expected a list under 'tenants'")
+    entries: list[dict[str, object]] = []
+    for i, entry in enumerate(tenants):
+        tenant_id = entry.get("id") if isinstance(entry, dict) else entry
+        if not isinstance(tenant_id, str) or not tenant_id:
+            raise InputError(
+                f"tenant registry {path}: tenants[{i}].id: expected a non-empty string"
+            )
+        entries.append(dict(entry) if isinstance(entry, dict) else {"id": tenant_id})
+    return entries
+
+
 def load_tenant_registry(settings: Settings) -> frozenset[str] | None:
     """Tenant ids from the registry file; None when there is no registry (all known)."""
     path = settings.tenants_path
@@ -75,42 +99,20 @@ def load_tenant_registry(settings: Settings) -> frozenset[str] | None:
         if settings.ingest.tenants_file is not None:
             raise InputError(f"tenant registry {path} does not exist")
         return None
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(
-            f"tenant registry {path}: not valid YAML: {str(exc).splitlines()[0]}"
-        ) from None
-    tenants = document.get("tenants") if isinstance(document, dict) else None
-    if not isinstance(tenants, list):
-        raise InputError(f"tenant registry {path}: expected a list under 'tenants'")
-    ids: set[str] = set()
-    for i, entry in enumerate(tenants):
-        tenant_id = entry.get("id") if isinstance(entry, dict) else entry
-        if not isinstance(tenant_id, str) or not tenant_id:
-            raise InputError(
-                f"tenant registry {path}: tenants[{i}].id: expected a non-empty string"
-            )
-        ids.add(tenant_id)
-    return frozenset(ids)
+    return frozenset(str(entry["id"]) for entry in _read_registry(path))
 
 
 def register_tenants(settings: Settings, tenant_ids: list[str]) -> Path:
-    """Add tenant ids to the registry file (created if absent), keeping what is there."""
+    """Add tenant ids to the registry file (created if absent), keeping every entry and
+    field already there."""
     path = settings.tenants_path
-    existing: list[dict[str, object]] = []
-    if path.is_file():
-        document = yaml.safe_load(path.read_text()) or {}
-        existing = list(document.get("tenants") or [])
-    known = {e.get("id") if isinstance(e, dict) else e for e in existing}
-    for tenant_id in tenant_ids:
-        if tenant_id not in known:
-            existing.append({"id": tenant_id})
-            known.add(tenant_id)
+    entries = _read_registry(path) if path.is_file() else []
+    known = {entry["id"] for entry in entries}
+    entries += [{"id": t} for t in dict.fromkeys(tenant_ids) if t not in known]
     with atomic_path(path) as tmp:
         tmp.write_text(
             "# Known tenants: usage events for any other subject are quarantined.\n"
-            + yaml.safe_dump({"tenants": existing}, sort_keys=False)
+            + yaml.safe_dump({"tenants": entries}, sort_keys=False)
         )
     return path
 
@@ -118,7 +120,12 @@ def register_tenants(settings: Settings, tenant_ids: list[str]) -> Path:
 class PartitionLocks:
     """Exclusive per-partition locks (flock), held for the life of a consumer."""
 
-    def __init__(self, directories: dict[int, Path], timeout_s: float) -> None:
+    def __init__(
+        self,
+        directories: dict[int, Path],
+        timeout_s: float,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> None:
         self._handles: dict[int, int] = {}
         deadline = time.monotonic() + timeout_s
         try:
@@ -133,9 +140,12 @@ class PartitionLocks:
                         if time.monotonic() > deadline:
                             os.close(fd)
                             raise ServiceError(
-                                f"partition {partition} is being consumed by another process "
-                                f"(lock {directory / '.lock'} held for {timeout_s:.0f} s)"
+                                f"partition {partition} is being consumed by another process: "
+                                f"waited {timeout_s:g} s for its lock {directory / '.lock'}"
                             ) from None
+                        if on_wait is not None:
+                            on_wait(partition)
+                            on_wait = None  # say it once
                         time.sleep(0.05)
                 self._handles[partition] = fd
         except BaseException:
@@ -299,6 +309,7 @@ def consume(
     stop: StopWhen | None = None,
     topic: str | None = None,
     on_progress: Callable[[ConsumeStats], None] | None = None,
+    on_wait: Callable[[int], None] | None = None,
 ) -> ConsumeReport:
     """Consume `topic` (default: the usage topic) into the lake until `stop` says so."""
     stop = stop or StopWhen()
@@ -341,7 +352,7 @@ def consume(
                 f"{all_partitions[-1]}; no partition {', '.join(map(str, unknown))}"
             )
         directories = {p: lake.landing_partition_dir(name, p) for p in chosen}
-        locks = PartitionLocks(directories, settings.ingest.lock_timeout_s)
+        locks = PartitionLocks(directories, settings.ingest.lock_timeout_s, on_wait)
         tps = [TopicPartition(name, p) for p in chosen]
         consumer.assign(tps)
         beginning = consumer.beginning_offsets(tps)
@@ -438,8 +449,14 @@ def _poll_loop(
         for tp, records in batch.items():
             if stop.max_records is not None:
                 records = records[: max(0, stop.max_records - polled)]
-            pending.add(tp.partition, records)
             polled += len(records)
+            # batch_max_records is a maximum: a poll larger than the room left is split.
+            while records:
+                room = max_records - pending.count
+                pending.add(tp.partition, records[:room])
+                records = records[room:]
+                if pending.count >= max_records:
+                    hand_over()
         if batch:
             last_record = now
         if pending.count >= max_records or (now - batch_started) >= max_age:

@@ -159,7 +159,12 @@ def _landing_snapshot(lake: Lake, topic: str) -> tuple[list[str], dict[int, int]
 
 def _register_landing(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
     if files:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW landing AS SELECT * FROM read_parquet({files!r})")
+        # The directory names (topic=…, partition=…) are not columns: the files carry
+        # their own typed ones, and hive detection would shadow them with strings.
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW landing AS SELECT * FROM "
+            f"read_parquet({files!r}, hive_partitioning = false)"
+        )
     else:
         con.register("empty_landing", LANDING_SCHEMA.empty_table())
         con.execute("CREATE OR REPLACE TEMP VIEW landing AS SELECT * FROM empty_landing")
@@ -392,7 +397,10 @@ def late_events(settings: Settings, *, topic: str | None = None) -> pl.DataFrame
     known = [str(lake.usage_hour_dir(name, h) / "events.parquet") for h in built]
     known = [k for k in known if Path(k).is_file()]
     if known:
-        con.execute(f"CREATE TEMP VIEW known AS SELECT event_id FROM read_parquet({known!r})")
+        con.execute(
+            "CREATE TEMP VIEW known AS SELECT event_id FROM "
+            f"read_parquet({known!r}, hive_partitioning = false)"
+        )
     else:
         con.execute("CREATE TEMP VIEW known AS SELECT NULL::VARCHAR AS event_id WHERE false")
     result = con.sql(

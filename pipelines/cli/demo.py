@@ -18,12 +18,14 @@ import polars as pl
 import typer
 from rich.table import Table
 
+from ingest.catalog import in_memory
 from ingest.endpoints import prometheus_url
 from ingest.kafka_readback import read_topic
 from ingest.settings import Settings
 from ingest.simulator import SimulationConfig, default_fleet
 from ingest.simulator.run import SimulationResult
 from ingest.stack import LocalStack
+from ingest.telemetry_reader import telemetry_coverage
 from models.errors import ServiceError
 from pipelines.cli.app import app, state
 from pipelines.cli.progress import StepProgress
@@ -58,6 +60,8 @@ def demo_command(
     kafka_by_tenant(settings, result)
     console.rule("[bold]4. What Prometheus holds")
     prometheus_series(settings, result)
+    console.rule("[bold]5. Ingest into the lake (Dagster, one run for the day)")
+    ingest_day(settings, result)
     console.print(
         "\n[bold]Done.[/bold] Stop the stack with [cyan].venv/bin/gpuledger stack down[/cyan] "
         "(its Kafka keeps events in memory only)."
@@ -129,6 +133,102 @@ def prometheus_series(settings: Settings, result: SimulationResult) -> None:
             f"{int(samples.get(metric, 0)):,}",
         )
     console.print(table)
+
+
+def ingest_day(settings: Settings, result: SimulationResult) -> None:
+    """Materialize both ingest assets for the simulated hours; compare with the truth."""
+    from pipelines.materialize import materialize_ingest
+
+    start = datetime.fromtimestamp(result.window_start_ms / 1000, UTC)
+    end = datetime.fromtimestamp(result.window_end_ms / 1000, UTC)
+    with StepProgress(console) as progress:
+        run = progress.run(
+            f"materializing usage_events_raw and gpu_telemetry_raw for {start:%Y-%m-%d}",
+            lambda: materialize_ingest(settings, start, end),
+        )
+    console.print(
+        f"  run {run.run_id[:8]}: {len(run.partition_keys)} hourly partitions, "
+        f"{'succeeded' if run.success else 'FAILED'}; checks: "
+        + ", ".join(f"{c.name} {'passed' if c.passed else 'FAILED'}" for c in run.checks)
+    )
+    con = in_memory(settings)
+    truth = (
+        result.requests.filter(pl.col("end_ts") < end)
+        .group_by("tenant")
+        .agg(
+            pl.len().alias("events"),
+            pl.col("prompt_tokens").sum(),
+            pl.col("completion_tokens").sum(),
+        )
+    )
+    lake = con.sql(
+        """
+        SELECT tenant, count(*) AS events, sum(prompt_tokens) AS prompt_tokens,
+               sum(completion_tokens) AS completion_tokens
+        FROM raw.usage_events
+        WHERE topic = $topic AND hour_start >= $start AND hour_start < $end
+        GROUP BY tenant
+        """,
+        params={"topic": settings.kafka.topic, "start": start, "end": end},
+    ).pl()
+    joined = truth.join(lake, on="tenant", how="full", suffix="_lake", coalesce=True).sort(
+        "events", descending=True, nulls_last=True
+    )
+    table = Table(title="Usage in the lake vs the simulator (events ending in the day)")
+    for column in ("tenant", "events", "prompt tokens", "completion tokens", "match"):
+        table.add_column(column, justify="left" if column == "tenant" else "right")
+    for row in joined.iter_rows(named=True):
+        same = all(
+            row[k] == row[f"{k}_lake"] for k in ("events", "prompt_tokens", "completion_tokens")
+        )
+        table.add_row(
+            row["tenant"],
+            f"{row['events_lake'] or 0:,} / {row['events'] or 0:,}",
+            f"{row['prompt_tokens_lake'] or 0:,} / {row['prompt_tokens'] or 0:,}",
+            f"{row['completion_tokens_lake'] or 0:,} / {row['completion_tokens'] or 0:,}",
+            "yes" if same else "NO",
+        )
+    console.print(table)
+    coverage = telemetry_coverage(
+        con.sql(
+            "SELECT gpu_key, hour_start, ts, placeholder_metrics, counter_reset, gap, "
+            "gap_before_s FROM raw.gpu_telemetry WHERE hour_start >= $start AND hour_start < $end",
+            params={"start": start, "end": end},
+        ).pl(),
+        result.config.telemetry.scrape_interval_s,
+    )
+    per_gpu = (
+        coverage.group_by("gpu_key")
+        .agg(
+            pl.col("scrapes").sum(),
+            pl.col("expected_scrapes").sum(),
+            pl.col("placeholder_samples").sum(),
+            pl.col("resets").sum(),
+            pl.col("gaps").sum(),
+            pl.col("max_gap_s").max(),
+        )
+        .with_columns(coverage=pl.col("scrapes") / pl.col("expected_scrapes"))
+        .sort("gpu_key")
+    )
+    table = Table(title="Telemetry coverage per GPU over the day", title_justify="left")
+    for column in ("GPU (host/uuid)", "scrapes", "coverage", "blanks", "resets", "gaps"):
+        table.add_column(column, justify="left" if column.startswith("GPU") else "right")
+    for row in per_gpu.iter_rows(named=True):
+        host, uuid = row["gpu_key"].split("/", 1)
+        table.add_row(
+            f"{host}/{uuid[:12]}…",
+            f"{row['scrapes']:,}",
+            f"{row['coverage']:.1%}",
+            f"{row['placeholder_samples']}",
+            f"{row['resets']}",
+            f"{row['gaps']}",
+        )
+    console.print(table)
+    console.print(
+        f'  Query it: [cyan].venv/bin/python -c "import duckdb; '
+        f"print(duckdb.connect('{settings.warehouse_path}', read_only=True)"
+        f".sql('select * from raw.usage_events limit 5'))\"[/cyan]"
+    )
 
 
 def _scalar(url: str, query: str, at: float) -> float:

@@ -45,8 +45,6 @@ def parse_partitions(text: str | None) -> list[int] | None:
             raise InputError(
                 f"--partitions: {part!r} is not a partition number or range (e.g. 0,1,4-7)"
             ) from None
-    if any(p < 0 for p in out):
-        raise InputError("--partitions: partition numbers are 0 or more")
     return sorted(set(out))
 
 
@@ -106,6 +104,10 @@ def usage_command(
                     stop_event=stop_event,
                 ),
                 on_progress=on_progress,
+                on_wait=lambda p: console.print(
+                    f"  partition {p} is being consumed by another process: waiting for its "
+                    f"lock (up to {settings.ingest.lock_timeout_s:g} s)"
+                ),
             )
     finally:
         signal.signal(signal.SIGTERM, previous)
