@@ -30,19 +30,30 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from kafka import KafkaConsumer, TopicPartition
+# Run as `python bench/ingest.py`, Python puts bench/ first on sys.path, where this
+# very file would shadow the `ingest` package: drop it, and load the sibling helper
+# module by path.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import importlib.util  # noqa: E402
 
-from _telemetry import TARGET_PULL_S, measure_telemetry_pull
+from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
-from ingest.endpoints import kafka_client_options
-from ingest.settings import Settings
-from ingest.simulator import SimulationConfig, default_fleet, simulate
-from ingest.simulator.delivery import event_payloads
-from ingest.stack import LocalStack
-from ingest.usage_consumer import StopWhen, consume, register_tenants
-from ingest.usage_publisher import publish
+from ingest.endpoints import kafka_client_options  # noqa: E402
+from ingest.settings import Settings  # noqa: E402
+from ingest.simulator import SimulationConfig, default_fleet, simulate  # noqa: E402
+from ingest.simulator.delivery import event_payloads  # noqa: E402
+from ingest.stack import LocalStack  # noqa: E402
+from ingest.usage_consumer import StopWhen, consume, register_tenants  # noqa: E402
+from ingest.usage_publisher import publish  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("_telemetry", _BENCH_DIR / "_telemetry.py")
+assert _spec is not None and _spec.loader is not None
+_telemetry = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_telemetry)
+TARGET_PULL_S = _telemetry.TARGET_PULL_S
+measure_telemetry_pull = _telemetry.measure_telemetry_pull
 
 TARGET_EVENTS_PER_S = 100_000.0
 TARGET_RATIO = 0.7

@@ -8,6 +8,7 @@ their own state directory, so the shared one is never disturbed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +68,18 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSta
         assert status.kafka.url is not None
         assert status.prometheus.url is not None
         yield RunningStack(settings, stack, status.kafka.url, status.prometheus.url)
+    finally:
+        stack.down()
+
+
+@contextlib.contextmanager
+def running_stack(state_dir: Path, **overrides: Any) -> Iterator[Settings]:
+    """A local stack of its own, for tests that restart Prometheus (backfills do)."""
+    settings = build_settings(state_dir, **overrides)
+    stack = LocalStack(settings)
+    try:
+        stack.up()
+        yield settings
     finally:
         stack.down()
 

@@ -148,9 +148,13 @@ def ingest_day(settings: Settings, result: SimulationResult) -> None:
         )
     console.print(
         f"  run {run.run_id[:8]}: {len(run.partition_keys)} hourly partitions, "
-        f"{'succeeded' if run.success else 'FAILED'}; checks: "
-        + ", ".join(f"{c.name} {'passed' if c.passed else 'FAILED'}" for c in run.checks)
+        f"{'succeeded' if run.success else 'FAILED'}"
     )
+    for check in run.checks:
+        verdict = "passed" if check.passed else f"failed ({check.severity})"
+        console.print(f"  check {check.name}: {verdict}")
+        if not check.passed and check.description:
+            console.print(f"    {check.description}")
     con = in_memory(settings)
     truth = (
         result.requests.filter(pl.col("end_ts") < end)
@@ -174,8 +178,11 @@ def ingest_day(settings: Settings, result: SimulationResult) -> None:
     joined = truth.join(lake, on="tenant", how="full", suffix="_lake", coalesce=True).sort(
         "events", descending=True, nulls_last=True
     )
-    table = Table(title="Usage in the lake vs the simulator (events ending in the day)")
-    for column in ("tenant", "events", "prompt tokens", "completion tokens", "match"):
+    table = Table(
+        title="Usage events in the lake (events ending in the day) vs the simulator",
+        title_justify="left",
+    )
+    for column in ("tenant", "events", "prompt tokens", "completion tokens", "= simulator"):
         table.add_column(column, justify="left" if column == "tenant" else "right")
     for row in joined.iter_rows(named=True):
         same = all(
@@ -183,10 +190,13 @@ def ingest_day(settings: Settings, result: SimulationResult) -> None:
         )
         table.add_row(
             row["tenant"],
-            f"{row['events_lake'] or 0:,} / {row['events'] or 0:,}",
-            f"{row['prompt_tokens_lake'] or 0:,} / {row['prompt_tokens'] or 0:,}",
-            f"{row['completion_tokens_lake'] or 0:,} / {row['completion_tokens'] or 0:,}",
-            "yes" if same else "NO",
+            f"{row['events_lake'] or 0:,}",
+            f"{row['prompt_tokens_lake'] or 0:,}",
+            f"{row['completion_tokens_lake'] or 0:,}",
+            "yes"
+            if same
+            else f"NO ({row['events'] or 0:,} / {row['prompt_tokens'] or 0:,} / "
+            f"{row['completion_tokens'] or 0:,})",
         )
     console.print(table)
     coverage = telemetry_coverage(

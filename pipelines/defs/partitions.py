@@ -11,7 +11,10 @@ into the UTC window `[start, end)` that the ingest functions take.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -21,6 +24,7 @@ __all__ = [
     "HOURLY_PARTITIONS",
     "PARTITIONS_START",
     "hour_partition_key",
+    "hourly_asset",
     "partition_keys_between",
     "run_window",
     "window_of_keys",
@@ -34,6 +38,23 @@ HOURLY_PARTITIONS = dg.HourlyPartitionsDefinition(
     timezone="UTC",
     end_offset=0,
 )
+
+
+def hourly_asset(*, group_name: str, kinds: set[str]) -> Callable[[Any], Any]:
+    """`dg.asset` on the hourly partitions, backfilled as one run.
+
+    `backfill_policy` is beta in Dagster 1.13 and warns at import. A backfill of many
+    hours as one run (one consume, one pass over the landing files) is intended, so the
+    warning is silenced for this decorator only.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.asset(
+            partitions_def=HOURLY_PARTITIONS,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            group_name=group_name,
+            kinds=kinds,
+        )
 
 
 def hour_partition_key(hour_start: datetime) -> str:

@@ -28,7 +28,6 @@ from ingest.settings import Settings
 from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
 from ingest.simulator.delivery import deliver, event_payloads
 from ingest.simulator.run import SimulationResult
-from ingest.stack import LocalStack
 from ingest.usage_consumer import StopWhen, consume
 from ingest.usage_publisher import publish
 from pipelines.defs.partitions import hour_partition_key
@@ -41,7 +40,7 @@ from pipelines.materialize import (
     check_ingest,
     materialize_ingest,
 )
-from tests.conftest import build_settings
+from tests.conftest import running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -56,17 +55,12 @@ TELEMETRY = "gpu_telemetry_raw"
 
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = build_settings(
+    with running_stack(
         tmp_path_factory.mktemp("ingest-assets") / "state",
         kafka={"topic": "gpuledger.usage.v1", "topic_partitions": 4},
         telemetry={"retries": 1, "backoff_s": 0.01},
-    )
-    stack = LocalStack(settings)
-    try:
-        stack.up()
+    ) as settings:
         yield settings
-    finally:
-        stack.down()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from ingest.simulator.run import SimulationResult
 from ingest.stack import LocalStack
 from models.usage_event import parse_usage_event
 from pipelines.cli import main
-from tests.conftest import build_settings
+from tests.conftest import running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +33,11 @@ START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = build_settings(
+    with running_stack(
         tmp_path_factory.mktemp("delivery") / "state",
         kafka={"topic": "gpuledger.usage.v1", "topic_partitions": 4},
-    )
-    stack = LocalStack(settings)
-    try:
-        stack.up()
+    ) as settings:
         yield settings
-    finally:
-        stack.down()
 
 
 @pytest.fixture(scope="module")

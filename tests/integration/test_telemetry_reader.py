@@ -22,7 +22,6 @@ from ingest.settings import Settings
 from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
 from ingest.simulator.delivery import deliver
 from ingest.simulator.run import SimulationResult
-from ingest.stack import LocalStack
 from ingest.stack.process import find_free_port
 from ingest.telemetry_reader import (
     LOOKBACK_S,
@@ -34,7 +33,7 @@ from ingest.telemetry_reader import (
     telemetry_coverage,
 )
 from models.errors import ServiceError
-from tests.conftest import build_settings
+from tests.conftest import running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -48,16 +47,11 @@ COLLECT_S = 30.0
 
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = build_settings(
+    with running_stack(
         tmp_path_factory.mktemp("telemetry-reader") / "state",
         telemetry={"retries": 1, "backoff_s": 0.01},
-    )
-    stack = LocalStack(settings)
-    try:
-        stack.up()
+    ) as settings:
         yield settings
-    finally:
-        stack.down()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ resets, gaps, repeats and DCGM placeholders marked), then refreshes the DuckDB c
 views. Each hour's file is replaced atomically, so re-running is idempotent.
 """
 
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ import dagster as dg
 from ingest.catalog import ensure_catalog
 from ingest.settings import Settings
 from ingest.telemetry_reader import HourReport, TelemetryPullReport, pull_telemetry
-from pipelines.defs.partitions import HOURLY_PARTITIONS, hour_partition_key
+from pipelines.defs.partitions import hour_partition_key, hourly_asset
 from pipelines.defs.resources import GpuledgerSettings, PrometheusResource, resolve_settings
 
 __all__ = [
@@ -87,20 +86,7 @@ def telemetry_run_metadata(result: TelemetryWindowResult) -> dict[str, Any]:
     return metadata
 
 
-# `backfill_policy` is beta in Dagster 1.13 and warns at import. A backfill of many
-# hours as one run (one consume, one pass over the landing files) is intended, so the
-# warning is silenced for this decorator only.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", dg.BetaWarning)
-    _hourly_asset = dg.asset(
-        partitions_def=HOURLY_PARTITIONS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="ingest",
-        kinds={"prometheus", "duckdb"},
-    )
-
-
-@_hourly_asset
+@hourly_asset(group_name="ingest", kinds={"prometheus", "duckdb"})
 def gpu_telemetry_raw(
     context: dg.AssetExecutionContext,
     gpuledger: GpuledgerSettings,

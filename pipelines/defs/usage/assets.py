@@ -10,7 +10,6 @@ The work is in `ingest_usage_window` and the metadata builders, plain functions;
 asset is a thin wrapper.
 """
 
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +22,7 @@ from ingest.catalog import ensure_catalog
 from ingest.settings import Settings
 from ingest.usage_consumer import ConsumeReport, StopWhen, consume
 from ingest.usage_hours import HourReport, materialize_usage_hours
-from pipelines.defs.partitions import HOURLY_PARTITIONS, hour_partition_key
+from pipelines.defs.partitions import hour_partition_key, hourly_asset
 from pipelines.defs.resources import GpuledgerSettings, KafkaResource, resolve_settings
 
 __all__ = [
@@ -159,20 +158,7 @@ class UsageIngestConfig(dg.Config):
     )
 
 
-# `backfill_policy` is beta in Dagster 1.13 and warns at import. A backfill of many
-# hours as one run (one consume, one pass over the landing files) is intended, so the
-# warning is silenced for this decorator only.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", dg.BetaWarning)
-    _hourly_asset = dg.asset(
-        partitions_def=HOURLY_PARTITIONS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="ingest",
-        kinds={"kafka", "duckdb"},
-    )
-
-
-@_hourly_asset
+@hourly_asset(group_name="ingest", kinds={"kafka", "duckdb"})
 def usage_events_raw(
     context: dg.AssetExecutionContext,
     config: UsageIngestConfig,
