@@ -15,6 +15,14 @@ Ends with one `RESULT key=value ...` line.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as `python bench/_telemetry.py`, Python puts bench/ first on sys.path, where
+# bench/ingest.py would shadow the `ingest` package.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+
 import argparse
 import math
 import shutil
@@ -28,7 +36,7 @@ from ingest.settings import Settings
 from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
 from ingest.simulator.delivery import deliver
 from ingest.stack import LocalStack
-from ingest.telemetry_reader import pull_telemetry
+from ingest.telemetry import pull_telemetry
 
 TARGET_PULL_S = 60.0
 GPUS_PER_NODE = 8

@@ -36,17 +36,17 @@ from pathlib import Path
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-from kafka import KafkaConsumer, TopicPartition  # noqa: E402
+from kafka import KafkaConsumer, TopicPartition
 
-from ingest.endpoints import kafka_client_options  # noqa: E402
-from ingest.settings import Settings  # noqa: E402
-from ingest.simulator import SimulationConfig, default_fleet, simulate  # noqa: E402
-from ingest.simulator.delivery import event_payloads  # noqa: E402
-from ingest.stack import LocalStack  # noqa: E402
-from ingest.usage_consumer import StopWhen, consume, register_tenants  # noqa: E402
-from ingest.usage_publisher import publish  # noqa: E402
+from ingest.endpoints import kafka_client_options
+from ingest.settings import Settings
+from ingest.simulator import SimulationConfig, default_fleet, simulate
+from ingest.simulator.delivery import event_payloads
+from ingest.stack import LocalStack
+from ingest.usage_consumer import StopWhen, consume, register_tenants
+from ingest.usage_publisher import publish
 
 _spec = importlib.util.spec_from_file_location("_telemetry", _BENCH_DIR / "_telemetry.py")
 assert _spec is not None and _spec.loader is not None

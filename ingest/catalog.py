@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ingest.lake import Lake, ensure_empty_file
 from ingest.settings import Settings
-from ingest.telemetry_reader import TELEMETRY_SCHEMA
+from ingest.telemetry import TELEMETRY_SCHEMA
 from ingest.usage_hours import EVENTS_SCHEMA, QUARANTINE_SCHEMA
 from ingest.usage_validation import LANDING_SCHEMA
 

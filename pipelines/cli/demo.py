@@ -25,7 +25,7 @@ from ingest.settings import Settings
 from ingest.simulator import SimulationConfig, default_fleet
 from ingest.simulator.run import SimulationResult
 from ingest.stack import LocalStack
-from ingest.telemetry_reader import telemetry_coverage
+from ingest.telemetry import telemetry_coverage
 from models.errors import ServiceError
 from pipelines.cli.app import app, state
 from pipelines.cli.progress import StepProgress

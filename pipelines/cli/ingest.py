@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ingest.catalog import ensure_catalog
-from ingest.telemetry_reader import pull_telemetry
+from ingest.telemetry import pull_telemetry
 from ingest.usage_consumer import ConsumeStats, StopWhen, consume
 from ingest.usage_hours import late_events, materialize_usage_hours
 from models.errors import InputError

@@ -23,7 +23,7 @@ from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, s
 from ingest.simulator.delivery import deliver
 from ingest.simulator.run import SimulationResult
 from ingest.stack.process import find_free_port
-from ingest.telemetry_reader import (
+from ingest.telemetry import (
     LOOKBACK_S,
     METRICS,
     TELEMETRY_SCHEMA,

@@ -25,21 +25,20 @@ import pytest
 from ingest.lake import Lake
 from ingest.settings import Settings
 from ingest.stack.process import find_free_port
-from ingest.telemetry_reader import (
+from ingest.telemetry import (
     DCGM_FP64_BLANKS,
     DCGM_INT32_BLANKS,
     DCGM_INT64_BLANKS,
     ENERGY_METRIC,
     METRICS,
     TELEMETRY_SCHEMA,
-    _parse_matrix_fast,
-    _parse_matrix_slow,
     normalize_labels,
     placeholder_mask,
     pull_telemetry,
     telemetry_coverage,
     wide_hour_table,
 )
+from ingest.telemetry.parsing import _parse_matrix_fast, _parse_matrix_slow
 from models.errors import InputError, ServiceError
 
 SettingsFactory = Callable[..., Settings]

@@ -15,7 +15,7 @@ import dagster as dg
 
 from ingest.catalog import ensure_catalog
 from ingest.settings import Settings
-from ingest.telemetry_reader import HourReport, TelemetryPullReport, pull_telemetry
+from ingest.telemetry import HourReport, TelemetryPullReport, pull_telemetry
 from pipelines.defs.partitions import hour_partition_key, hourly_asset
 from pipelines.defs.resources import GpuledgerSettings, PrometheusResource, resolve_settings
 

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ingest.lake import Lake, hour_key, parse_hour_key
 from ingest.settings import Settings
-from ingest.telemetry_reader import telemetry_coverage
+from ingest.telemetry import telemetry_coverage
 from ingest.usage_hours import hours_between
 from pipelines.defs.partitions import run_window
 from pipelines.defs.resources import GpuledgerSettings, resolve_settings
