@@ -16,6 +16,7 @@ Views (schema `raw`):
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import duckdb
@@ -74,13 +75,43 @@ def view_sql(settings: Settings) -> list[str]:
 
 
 def ensure_catalog(settings: Settings) -> Path:
-    """Create or refresh the raw views in the warehouse file; returns its path."""
+    """Create or refresh the raw views in the warehouse file; returns its path.
+
+    The file is opened for writing only when a view is missing or its definition
+    changed (views over globs see new files without a refresh), so routine ingest runs
+    don't contend with dbt or readers for the write lock.
+    """
     path = settings.warehouse_path
     path.parent.mkdir(parents=True, exist_ok=True)
+    statements = view_sql(settings)
+    if path.exists() and _views_current(path, statements):
+        return path
+    fingerprint = hashlib.sha256("\n".join(statements).encode()).hexdigest()
     with duckdb.connect(str(path)) as con:
-        for statement in view_sql(settings):
+        for statement in statements:
             con.execute(statement)
+        con.execute(
+            "CREATE OR REPLACE TABLE raw._catalog AS SELECT $f AS fingerprint", {"f": fingerprint}
+        )
     return path
+
+
+def _views_current(path: Path, statements: list[str]) -> bool:
+    """The views were last written from exactly these statements (a fingerprint kept
+    in `raw._catalog`), and all exist."""
+    fingerprint = hashlib.sha256("\n".join(statements).encode()).hexdigest()
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            stored = con.sql("SELECT fingerprint FROM raw._catalog").fetchall()
+            views = {
+                row[0]
+                for row in con.sql(
+                    "SELECT view_name FROM duckdb_views() WHERE schema_name = 'raw'"
+                ).fetchall()
+            }
+    except duckdb.Error:
+        return False
+    return stored == [(fingerprint,)] and set(RAW_VIEWS) <= views
 
 
 def connect(settings: Settings, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:

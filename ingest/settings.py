@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     duckdb_path: Path | None = Field(
         default=None, description="unset = <state_dir>/warehouse.duckdb"
     )
+    allocation_file: Path | None = Field(
+        default=None,
+        description="allocation method YAML; unset = <state_dir>/allocation.yaml when present",
+    )
     lake_dir: Path | None = Field(
         default=None, description="the Parquet lake; unset = <state_dir>/lake"
     )
@@ -160,6 +164,10 @@ class Settings(BaseSettings):
     @property
     def lake_path(self) -> Path:
         return self.lake_dir or self.state_dir / "lake"
+
+    @property
+    def allocation_path(self) -> Path:
+        return self.allocation_file or self.state_dir / "allocation.yaml"
 
     @property
     def tenants_path(self) -> Path:

@@ -63,7 +63,9 @@ GPU_TYPES: dict[str, GpuType] = {
         model_name="NVIDIA A100-SXM4-80GB",
         power_limit_w=400.0,
         idle_no_process_w=55.0,
-        idle_loaded_w=(62.0, 85.0),
+        # No A100 loaded-idle figure in the references: the H100's loaded/no-process
+        # ratio (95-135 W over 70 W) applied to the A100's 55 W.
+        idle_loaded_w=(75.0, 106.0),
         fb_total_mib=81920,
         sm_clock_max_mhz=1410,
         sm_clock_idle_mhz=210,

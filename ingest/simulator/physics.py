@@ -39,10 +39,13 @@ FloatArray = np.ndarray
 @dataclass(frozen=True)
 class PhysicsConfig:
     tick_s: float = 1.0
-    #: Decode cost per token = 1 + context / this. 32k is deliberately mild: KV reads
-    #: overtake the per-token share of weight reads at a few thousand tokens of context
-    #: at large batch, less so at the small batches most replicas run.
-    decode_context_tokens: float = 32_768.0
+    #: Decode cost per token = 1 + context / this. Deliberately mild: physically, KV-cache
+    #: reads overtake a token's share of the weight reads at a few thousand tokens of
+    #: context at large batch. The allocation method (ALLOCATION.md §3) has no context
+    #: term, so this sets how far a long-context tenant's true energy drifts from what
+    #: any per-token method can give it; at 32,768 the demo's long-context tenants
+    #: differ by about 4 % (see the fidelity notes in README).
+    decode_context_tokens: float = 131_072.0
     #: Scheduler and tokenisation time before each prefill (s).
     scheduling_overhead_s: float = 0.002
     #: Standard deviation of each GPU's share of its tensor-parallel group's power.

@@ -1,0 +1,45 @@
+{# The allocation window [min_hour, max_hour) the run was asked for, as timestamptz. #}
+{% macro window_start() -%}
+    cast('{{ var("min_hour") }}' as timestamptz)
+{%- endmacro %}
+
+{% macro window_end() -%}
+    cast('{{ var("max_hour") }}' as timestamptz)
+{%- endmacro %}
+
+{# Seconds between two timestamps, as a double. #}
+{% macro seconds_between(start_ts, end_ts) -%}
+    (date_diff('microsecond', {{ start_ts }}, {{ end_ts }}) / 1e6)
+{%- endmacro %}
+
+{# Replace the window's rows of an incremental model before inserting them again. #}
+{% macro delete_window(column) -%}
+    {% if is_incremental() %}
+        delete from {{ this }}
+        where {{ column }} >= {{ window_start() }} and {{ column }} < {{ window_end() }}
+    {% endif %}
+{%- endmacro %}
+
+{# A VALUES relation from a list of dicts in a var: rows of the given keys. #}
+{% macro values_from_var(name, keys, types) -%}
+    {%- set rows = var(name) -%}
+    {%- if rows | length == 0 -%}
+        select
+        {%- for key in keys %}
+            cast(null as {{ types[loop.index0] }}) as {{ key }}{{ "," if not loop.last }}
+        {%- endfor %}
+        where false
+    {%- else -%}
+        select * from (
+            values
+            {%- for row in rows %}
+                (
+                {%- for key in keys -%}
+                    cast({{ "'" ~ row[key] ~ "'" if types[loop.index0] == 'varchar' else row[key] }}
+                        as {{ types[loop.index0] }}){{ ", " if not loop.last }}
+                {%- endfor -%}
+                ){{ "," if not loop.last }}
+            {%- endfor %}
+        ) as v ({{ keys | join(", ") }})
+    {%- endif -%}
+{%- endmacro %}
