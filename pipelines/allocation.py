@@ -169,9 +169,13 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtRun:
 def allocate(
     settings: Settings, start: datetime, end: datetime, *, select: str | None = None
 ) -> DbtRun:
-    """`dbt build` (models and their tests) for the hours of [start, end)."""
+    """`dbt build` (models and their data tests) for the hours of [start, end).
+
+    dbt's unit tests check the models' logic on fixed inputs, not the data: they run in
+    the test suite (tests/integration/test_dbt_unit_tests.py), not on every window.
+    """
     variables = dbt_vars(settings, start, end)
-    args = ["build", "--vars", json.dumps(variables)]
+    args = ["build", "--vars", json.dumps(variables), "--exclude-resource-type", "unit_test"]
     if select:
         args += ["--select", select]
     return run_dbt(settings, args)

@@ -13,12 +13,10 @@
 with pieces as (
     select
         request_id,
-        any_value(tenant) as tenant,
-        any_value(model) as model,
+        tenant,
+        model,
         gpu_key,
-        any_value(gpu_uuid) as gpu_uuid,
-        any_value(gpu_model) as gpu_model,
-        any_value(gpu_count) as gpu_count,
+        gpu_count,
         hour_start,
         sum(prefill_tokens) as prefill_tokens,
         sum(decode_tokens) as decode_tokens,
@@ -31,11 +29,15 @@ with pieces as (
         bool_or(is_gap) as any_gap
     from {{ ref('int_request_slice_allocation') }}
     where hour_start >= {{ window_start() }} and hour_start < {{ window_end() }}
-    group by request_id, gpu_key, hour_start
+    -- A request's tenant, model and group size are its own: grouping by them adds no
+    -- group, and keeps the aggregate's state small (any_value of strings made it spill).
+    group by request_id, tenant, model, gpu_key, gpu_count, hour_start
 )
 
 select
     p.*,
+    g.gpu_uuid,
+    g.gpu_model,
     case
         when '{{ var("idle_policy") }}' = 'share' and g.attributed_dynamic_j > 0
             then g.idle_j * p.dynamic_j / g.attributed_dynamic_j
