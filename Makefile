@@ -6,8 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+# The dbt manifest the Dagster definitions are built from (pipelines/defs/allocation
+# parses it on import too when it is missing or older than a project file).
+MANIFEST := dbt/target/manifest.json
+DBT_SOURCES := $(shell find dbt/models dbt/macros dbt/tests -type f 2>/dev/null) \
+	dbt/dbt_project.yml dbt/profiles.yml
 
-.PHONY: demo test lint unit integration bench system-deps install clean
+.PHONY: demo test lint unit integration bench system-deps install dbt-parse clean
 
 demo: install system-deps
 	$(BIN)/gpuledger demo
@@ -30,7 +35,12 @@ integration: install system-deps
 bench: install system-deps
 	$(BIN)/python bench/simulate.py
 
-install: $(STAMP)
+install: $(STAMP) $(MANIFEST)
+
+dbt-parse: $(MANIFEST)
+
+$(MANIFEST): $(STAMP) $(DBT_SOURCES)
+	cd dbt && env -u GPULEDGER_DUCKDB_PATH ../$(BIN)/dbt parse --quiet --profiles-dir . --target-path target
 
 # Re-install whenever the dependency pins change.
 $(STAMP): pyproject.toml constraints.txt

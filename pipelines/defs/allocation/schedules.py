@@ -1,0 +1,67 @@
+"""What starts allocation runs: an hourly schedule after the ingest schedules.
+
+`allocation_hourly_schedule` ticks at minute 40 and allocates the hour that the usage
+schedule built at minute 20 of the same hour: `usage.schedules.hour_due` at 20 minutes
+before the tick, with the lateness watermark read from the settings at each tick. With
+the default watermark (900 s) that is the hour that ended 40 minutes before; its
+telemetry was pulled at minute 5. Twenty minutes is room for the usage run to finish;
+a late usage rebuild (late-events sensor) is followed by a re-allocation when the hour
+is asked again (a backfill, or `gpuledger allocate`).
+One tick, one hour, keyed by the hour (a re-evaluated tick is deduplicated).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from pipelines.defs.allocation.assets import allocation_models
+from pipelines.defs.partitions import PARTITIONS_START, hour_partition_key
+from pipelines.defs.resources import GpuledgerSettings
+from pipelines.defs.usage.schedules import USAGE_SCHEDULE_CRON, hour_due
+
+__all__ = [
+    "ALLOCATION_SCHEDULE_CRON",
+    "allocation_hour_due",
+    "allocation_hourly_schedule",
+    "allocation_job",
+]
+
+ALLOCATION_MINUTE_OF_HOUR = 40
+ALLOCATION_SCHEDULE_CRON = f"{ALLOCATION_MINUTE_OF_HOUR} * * * *"
+_USAGE_MINUTE_OF_HOUR = int(USAGE_SCHEDULE_CRON.split()[0])
+
+allocation_job = dg.define_asset_job(
+    "allocation_job",
+    selection=dg.AssetSelection.assets(allocation_models),
+    description="dbt build of the allocation for an hour (dbt tests and allocation_invariants).",
+)
+
+
+def allocation_hour_due(at: datetime, watermark_s: float) -> datetime:
+    """The hour the usage schedule built at its latest tick at or before `at`."""
+    at = at.astimezone(UTC)
+    usage_tick = at.replace(minute=_USAGE_MINUTE_OF_HOUR, second=0, microsecond=0)
+    if usage_tick > at:
+        usage_tick -= timedelta(hours=1)
+    return hour_due(usage_tick, watermark_s)
+
+
+@dg.schedule(
+    name="allocation_hourly_schedule",
+    cron_schedule=ALLOCATION_SCHEDULE_CRON,
+    job=allocation_job,
+    execution_timezone="UTC",
+    description="Allocate the hour that the usage schedule built at minute 20.",
+)
+def allocation_hourly_schedule(
+    context: dg.ScheduleEvaluationContext, gpuledger: GpuledgerSettings
+) -> dg.RunRequest | dg.SkipReason:
+    settings = gpuledger.settings()
+    at = context.scheduled_execution_time or datetime.now(UTC)
+    hour = allocation_hour_due(at, settings.ingest.lateness_watermark_s)
+    if hour < PARTITIONS_START:
+        return dg.SkipReason(f"hour {hour.isoformat()} is before the first partition")
+    key = hour_partition_key(hour)
+    return dg.RunRequest(run_key=f"allocation-hour:{key}", partition_key=key)
