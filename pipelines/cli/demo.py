@@ -1,9 +1,10 @@
 """`gpuledger demo`: the main job end to end on the embedded local stack.
 
-For now (foundation): stack up, simulate a day of a 4-node x 8-GPU fleet with 8
-tenants, publish and load it, then read back what Kafka and Prometheus hold and print
-it beside the simulator's ground truth. Later stages extend it to invoices and a
-dashboard.
+Stack up, simulate a day of a 4-node x 8-GPU fleet with 8 tenants, publish and load
+it, read back what Kafka and Prometheus hold beside the simulator's ground truth,
+ingest the day into the lake and allocate it (Dagster runs), printing per-tenant usage,
+J per output token against ML.ENERGY and the allocation's fidelity. Later stages extend
+it to invoices and a dashboard.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ingest.stack import LocalStack
 from ingest.telemetry import telemetry_coverage
 from models.errors import ServiceError
 from pipelines.cli.app import app, state
+from pipelines.cli.demo_allocation import allocate_day
 from pipelines.cli.progress import StepProgress
 from pipelines.cli.simulate import console, print_summary, run_simulation
 
@@ -62,6 +64,8 @@ def demo_command(
     prometheus_series(settings, result)
     console.rule("[bold]5. Ingest into the lake (Dagster, one run for the day)")
     ingest_day(settings, result)
+    console.rule("[bold]6. Allocate energy and GPU-seconds to requests (Dagster + dbt)")
+    allocate_day(settings, result)
     console.print(
         "\n[bold]Done.[/bold] Stop the stack with [cyan].venv/bin/gpuledger stack down[/cyan] "
         "(its Kafka keeps events in memory only)."
