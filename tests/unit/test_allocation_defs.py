@@ -37,20 +37,22 @@ def isolated(tmp_path: Path, **overrides: object) -> Settings:
 @pytest.mark.parametrize(
     ("tick", "watermark_s", "hour"),
     [
-        (timedelta(hours=10, minutes=40), 900, 9),  # usage built 09:00 at 10:20
-        (timedelta(hours=10, minutes=40), 1800, 8),  # usage built 08:00 at 10:20
-        (timedelta(hours=10, minutes=40), 0, 9),
-        (timedelta(hours=10, minutes=19), 900, 8),  # before this hour's usage tick
+        (timedelta(hours=10, minutes=40), 900, 8),  # usage built 09:00 at 10:20
+        (timedelta(hours=10, minutes=40), 1800, 7),  # usage built 08:00 at 10:20
+        (timedelta(hours=10, minutes=40), 0, 8),
+        (timedelta(hours=10, minutes=19), 900, 7),  # before this hour's usage tick
     ],
 )
-def test_a_tick_allocates_the_hour_the_usage_schedule_built_last(
+def test_a_tick_allocates_the_hour_before_the_one_the_usage_schedule_built_last(
     tick: timedelta, watermark_s: float, hour: int
 ) -> None:
     at = DAY + tick
     due = allocation_hour_due(at, watermark_s)
     assert due == DAY + timedelta(hours=hour)
     last_usage_tick = at.replace(minute=20) - timedelta(hours=1 if at.minute < 20 else 0)
-    assert due == hour_due(last_usage_tick, watermark_s)
+    # One hour before it: that hour's last slices end in the next hour's telemetry,
+    # pulled at minute 5 of the hour after.
+    assert due == hour_due(last_usage_tick, watermark_s) - timedelta(hours=1)
 
 
 def test_an_allocation_tick_reads_the_watermark_from_the_settings(tmp_path: Path) -> None:
@@ -61,8 +63,8 @@ def test_an_allocation_tick_reads_the_watermark_from_the_settings(tmp_path: Path
     )
     request = allocation_hourly_schedule(context)
     assert isinstance(request, dg.RunRequest)
-    assert request.partition_key == "2026-11-24-08:00"
-    assert request.run_key == "allocation-hour:2026-11-24-08:00"
+    assert request.partition_key == "2026-11-24-07:00"
+    assert request.run_key == "allocation-hour:2026-11-24-07:00"
 
 
 def test_the_dbt_models_depend_on_the_ingest_assets() -> None:

@@ -1,13 +1,16 @@
 """What starts allocation runs: an hourly schedule after the ingest schedules.
 
-`allocation_hourly_schedule` ticks at minute 40 and allocates the hour that the usage
-schedule built at minute 20 of the same hour: `usage.schedules.hour_due` at 20 minutes
-before the tick, with the lateness watermark read from the settings at each tick. With
-the default watermark (900 s) that is the hour that ended 40 minutes before; its
-telemetry was pulled at minute 5. Twenty minutes is room for the usage run to finish;
-a late usage rebuild (late-events sensor) is followed by a re-allocation when the hour
-is asked again (a backfill, or `gpuledger allocate`).
-One tick, one hour, keyed by the hour (a re-evaluated tick is deduplicated).
+`allocation_hourly_schedule` ticks at minute 40 and allocates the hour *before* the one
+the usage schedule built at minute 20 of the same hour (`usage.schedules.hour_due` at 20
+minutes before the tick, with the lateness watermark read from the settings at each
+tick). One hour more: an hour's last slice on every GPU ends at the next hour's first
+scrape, and the next hour's telemetry is only pulled at minute 5 after it ends; allocated
+earlier, the last seconds of every GPU-hour would be missing and the requests in them
+orphans. With the default watermark (900 s) a tick at 10:40 allocates 08:00-09:00:
+usage built at 09:20, telemetry to 10:00 pulled at 10:05. A late usage rebuild
+(late-events sensor) is followed by a re-allocation when the hour is asked again (a
+backfill, or `gpuledger allocate`). One tick, one hour, keyed by the hour (a
+re-evaluated tick is deduplicated).
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ allocation_job = dg.define_asset_job(
 
 
 def allocation_hour_due(at: datetime, watermark_s: float) -> datetime:
-    """The hour the usage schedule built at its latest tick at or before `at`."""
+    """The hour before the one the usage schedule built at its latest tick at or before
+    `at`: the newest hour whose next hour's telemetry has been pulled too."""
     at = at.astimezone(UTC)
     usage_tick = at.replace(minute=_USAGE_MINUTE_OF_HOUR, second=0, microsecond=0)
     if usage_tick > at:
         usage_tick -= timedelta(hours=1)
-    return hour_due(usage_tick, watermark_s)
+    return hour_due(usage_tick, watermark_s) - timedelta(hours=1)
 
 
 @dg.schedule(
@@ -53,7 +57,7 @@ def allocation_hour_due(at: datetime, watermark_s: float) -> datetime:
     cron_schedule=ALLOCATION_SCHEDULE_CRON,
     job=allocation_job,
     execution_timezone="UTC",
-    description="Allocate the hour that the usage schedule built at minute 20.",
+    description="Allocate the hour before the one the usage schedule built at minute 20.",
 )
 def allocation_hourly_schedule(
     context: dg.ScheduleEvaluationContext, gpuledger: GpuledgerSettings
