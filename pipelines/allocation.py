@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -83,6 +84,21 @@ def dbt_vars(settings: Settings, start: datetime, end: datetime) -> dict[str, An
     config = load_allocation_config(settings)
     first, last = window_hours(start, end)
     return config.dbt_vars(_iso(first), _iso(last), settings.kafka.topic)
+
+
+def dbt_build_args(variables: Mapping[str, Any]) -> list[str]:
+    """The `dbt build` of one window, as every caller runs it (CLI, Dagster, bench).
+
+    dbt's unit tests check the models' logic on fixed inputs, not the window's data:
+    they run in the test suite (tests/integration/test_dbt_unit_tests.py), not here.
+    """
+    return [
+        "build",
+        "--vars",
+        json.dumps(variables, sort_keys=True),
+        "--exclude-resource-type",
+        "unit_test",
+    ]
 
 
 @dataclass(frozen=True)
@@ -169,13 +185,8 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtRun:
 def allocate(
     settings: Settings, start: datetime, end: datetime, *, select: str | None = None
 ) -> DbtRun:
-    """`dbt build` (models and their data tests) for the hours of [start, end).
-
-    dbt's unit tests check the models' logic on fixed inputs, not the data: they run in
-    the test suite (tests/integration/test_dbt_unit_tests.py), not on every window.
-    """
-    variables = dbt_vars(settings, start, end)
-    args = ["build", "--vars", json.dumps(variables), "--exclude-resource-type", "unit_test"]
+    """`dbt build` (models and their data tests) for the hours of [start, end)."""
+    args = dbt_build_args(dbt_vars(settings, start, end))
     if select:
         args += ["--select", select]
     return run_dbt(settings, args)

@@ -71,14 +71,13 @@ def tenant_usage(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime)
     return con.sql(
         """
         select tenant,
-               count(*) as requests,
+               sum(requests)::bigint as requests,
                sum(prompt_tokens)::bigint as prompt_tokens,
                sum(completion_tokens)::bigint as completion_tokens,
                sum(occupied_gpu_s) / 3600 as gpu_hours,
                sum(energy_j) / 3.6e6 as energy_kwh,
-               sum(dynamic_energy_j) / 3.6e6 as dynamic_kwh,
-               count(*) filter (where is_orphan) as orphans
-        from marts.fct_request_allocation
+               sum(orphan_requests)::bigint as orphans
+        from marts.fct_tenant_usage_hourly
         where event_hour >= $start and event_hour < $end
         group by tenant
         order by energy_kwh desc
@@ -102,7 +101,6 @@ def model_efficiency(
         """
         with per_gpu_model as (
             select gpu_key, hour_start, model, sum(occupied_s) as occupied_s,
-                   sum(decode_tokens) as decode_tokens,
                    max(gpu_count) as tp
             from intermediate.int_request_gpu_hour_allocation
             where hour_start >= $start and hour_start < $end
@@ -152,9 +150,6 @@ def model_efficiency(
             dtype=pl.Float64,
         ),
         pl.Series("mlenergy_note", [r.note if r else "not measured" for r in references]),
-        pl.Series(
-            "mlenergy_tp", [MODELS[m].reference_tp if m in MODELS else None for m in rows["model"]]
-        ),
     ).with_columns(ratio=pl.col("j_per_token") / pl.col("mlenergy_j_per_token"))
 
 

@@ -13,12 +13,17 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ingest.settings import Settings
 from ingest.stack import LocalStack
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ingest.simulator.run import SimulationResult
 
 #: Scrape interval of the test stacks: 1 s, so live-scrape tests wait seconds, not 15.
 TEST_SCRAPE_INTERVAL_S = 1
@@ -82,6 +87,33 @@ def running_stack(state_dir: Path, **overrides: Any) -> Iterator[Settings]:
         yield settings
     finally:
         stack.down()
+
+
+def simulate_small_fleet(
+    settings: Settings,
+    out_dir: Path,
+    *,
+    start: datetime,
+    hours: int,
+    seed: int,
+    rate_per_s: float,
+) -> SimulationResult:
+    """Simulate 2 nodes x 2 GPUs and 3 tenants for `hours` from `start` and deliver it
+    to the stack of `settings` (Kafka events, Prometheus history). No node outages, so
+    every GPU-hour keeps its telemetry coverage above the ingest check's threshold."""
+    from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
+    from ingest.simulator.delivery import deliver
+
+    config = SimulationConfig(
+        start=start,
+        duration_s=hours * 3600,
+        seed=seed,
+        rate_per_s=rate_per_s,
+        telemetry=TelemetryConfig(outages_per_node_day=0, counter_resets_per_gpu_day=4),
+    )
+    result = simulate(default_fleet(nodes=2, gpus_per_node=2, tenants=3, seed=seed), config)
+    deliver(result, settings, out_dir)
+    return result
 
 
 @pytest.fixture

@@ -20,41 +20,18 @@ from rich.table import Table
 from ingest.catalog import connect
 from ingest.settings import Settings
 from models.errors import GpuledgerError
+from pipelines.allocation_report import tenant_usage
 from pipelines.cli.app import app, state
 from pipelines.cli.ingest import window
 from pipelines.cli.progress import StepProgress
 
-__all__ = ["allocate_command", "tenant_totals"]
-
-J_PER_KWH = 3.6e6
-S_PER_HOUR = 3600.0
+__all__ = ["allocate_command", "fleet_totals"]
 
 
 class AllocationFailed(GpuledgerError):
     """The allocation run finished, but a blocking check failed."""
 
     exit_code = 1
-
-
-def tenant_totals(
-    settings: Settings, start: datetime, end: datetime
-) -> list[tuple[str, int, int, int, float, float]]:
-    """(tenant, requests, prompt tokens, completion tokens, GPU-hours, kWh) per tenant."""
-    with connect(settings) as con:
-        rows = con.execute(
-            """
-            select tenant, sum(requests)::bigint, sum(prompt_tokens)::bigint,
-                   sum(completion_tokens)::bigint, sum(occupied_gpu_s), sum(energy_j)
-            from marts.fct_tenant_usage_hourly
-            where event_hour >= $start and event_hour < $end
-            group by tenant order by tenant
-            """,
-            {"start": start, "end": end},
-        ).fetchall()
-    return [
-        (tenant, requests, prompt, completion, gpu_s / S_PER_HOUR, energy_j / J_PER_KWH)
-        for tenant, requests, prompt, completion, gpu_s, energy_j in rows
-    ]
 
 
 def fleet_totals(settings: Settings, start: datetime, end: datetime) -> tuple[int, float, float]:
@@ -68,7 +45,7 @@ def fleet_totals(settings: Settings, start: datetime, end: datetime) -> tuple[in
             {"start": start, "end": end},
         ).fetchone()
     assert row is not None
-    return int(row[0]), row[1] / J_PER_KWH, row[2] / J_PER_KWH
+    return int(row[0]), row[1] / 3.6e6, row[2] / 3.6e6
 
 
 @app.command("allocate")
@@ -104,21 +81,21 @@ def allocate_command(
         f"{'succeeded' if run.success else 'FAILED'}; {passed}/{len(run.checks)} checks passed"
     )
     if run.success:
+        with connect(settings) as con:
+            tenants = tenant_usage(con, first, last)
         table = Table(title="Per tenant", title_justify="left")
         for column in ("tenant", "requests", "prompt tokens", "completion tokens"):
             table.add_column(column, justify="left" if column == "tenant" else "right")
         table.add_column("GPU-hours", justify="right")
         table.add_column("kWh", justify="right")
-        for tenant, requests, prompt, completion, gpu_h, kwh in tenant_totals(
-            settings, first, last
-        ):
+        for row in tenants.sort("tenant").iter_rows(named=True):
             table.add_row(
-                tenant,
-                f"{requests:,}",
-                f"{prompt:,}",
-                f"{completion:,}",
-                f"{gpu_h:,.3f}",
-                f"{kwh:,.3f}",
+                row["tenant"],
+                f"{row['requests']:,}",
+                f"{row['prompt_tokens']:,}",
+                f"{row['completion_tokens']:,}",
+                f"{row['gpu_hours']:,.3f}",
+                f"{row['energy_kwh']:,.3f}",
             )
         console.print(table)
         gpu_hours, metered_kwh, idle_kwh = fleet_totals(settings, first, last)

@@ -23,8 +23,6 @@ import pytest
 
 from ingest.catalog import connect
 from ingest.settings import Settings
-from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
-from ingest.simulator.delivery import deliver
 from ingest.simulator.run import SimulationResult
 from pipelines.cli import main
 from pipelines.defs.allocation import allocation_models
@@ -37,7 +35,7 @@ from pipelines.materialize import (
     materialize_all,
     materialize_allocation,
 )
-from tests.conftest import running_stack
+from tests.conftest import running_stack, simulate_small_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +60,14 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def simulated(own_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
-    config = SimulationConfig(
+    return simulate_small_fleet(
+        own_stack,
+        tmp_path_factory.mktemp("run"),
         start=START,
-        duration_s=2 * 3600,
+        hours=2,
         seed=SEED,
         rate_per_s=0.5,
-        telemetry=TelemetryConfig(outages_per_node_day=0, counter_resets_per_gpu_day=4),
     )
-    result = simulate(default_fleet(nodes=2, gpus_per_node=2, tenants=3, seed=SEED), config)
-    deliver(result, own_stack, tmp_path_factory.mktemp("run"))
-    return result
 
 
 def mart_totals(settings: Settings) -> dict[str, Any]:

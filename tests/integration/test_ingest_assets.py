@@ -25,8 +25,7 @@ import pytest
 from ingest.catalog import in_memory
 from ingest.lake import Lake
 from ingest.settings import Settings
-from ingest.simulator import SimulationConfig, TelemetryConfig, default_fleet, simulate
-from ingest.simulator.delivery import deliver, event_payloads
+from ingest.simulator.delivery import event_payloads
 from ingest.simulator.run import SimulationResult
 from ingest.usage_consumer import StopWhen, consume
 from ingest.usage_publisher import publish
@@ -40,7 +39,7 @@ from pipelines.materialize import (
     check_ingest,
     materialize_ingest,
 )
-from tests.conftest import running_stack
+from tests.conftest import running_stack, simulate_small_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -65,17 +64,14 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def simulated(own_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
-    config = SimulationConfig(
+    return simulate_small_fleet(
+        own_stack,
+        tmp_path_factory.mktemp("run"),
         start=START,
-        duration_s=3 * 3600,
+        hours=3,
         seed=SEED,
         rate_per_s=1.0,
-        # No node outages: every GPU-hour keeps its coverage above the check's threshold.
-        telemetry=TelemetryConfig(outages_per_node_day=0, counter_resets_per_gpu_day=4),
     )
-    result = simulate(default_fleet(nodes=2, gpus_per_node=2, tenants=3, seed=SEED), config)
-    deliver(result, own_stack, tmp_path_factory.mktemp("run"))
-    return result
 
 
 def lake_counts(settings: Settings) -> dict[str, Any]:

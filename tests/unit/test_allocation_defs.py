@@ -13,8 +13,8 @@ import dagster as dg
 import pytest
 
 from ingest.settings import Settings
-from pipelines.allocation import InvariantReport
-from pipelines.defs.allocation.assets import allocation_models, dbt_build_args, dbt_failures
+from pipelines.allocation import InvariantReport, dbt_build_args
+from pipelines.defs.allocation.assets import allocation_models, dbt_failures
 from pipelines.defs.allocation.checks import (
     MAX_LISTED,
     describe_invariants,

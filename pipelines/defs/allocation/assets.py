@@ -16,7 +16,6 @@ the step afterwards with `DbtTestsFailed`, so `allocation_invariants` does not r
 models that failed their own tests.
 """
 
-import json
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,7 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, dbt_
 
 from ingest.catalog import ensure_catalog
 from models.errors import ServiceError
-from pipelines.allocation import dbt_vars
+from pipelines.allocation import dbt_build_args, dbt_vars
 from pipelines.defs.allocation.resources import (
     DBT_PROJECT,
     GpuledgerDbtResource,
@@ -42,7 +41,6 @@ __all__ = [
     "AllocationTranslator",
     "DbtTestsFailed",
     "allocation_models",
-    "dbt_build_args",
     "dbt_failures",
 ]
 
@@ -67,18 +65,6 @@ class AllocationTranslator(DagsterDbtTranslator):
 
 
 TRANSLATOR = AllocationTranslator(DagsterDbtTranslatorSettings(enable_asset_checks=True))
-
-
-def dbt_build_args(variables: Mapping[str, Any]) -> list[str]:
-    """dbt's unit tests check the models' logic on fixed inputs, not the window's data:
-    they run in the test suite (tests/integration/test_dbt_unit_tests.py), not here."""
-    return [
-        "build",
-        "--vars",
-        json.dumps(variables, sort_keys=True),
-        "--exclude-resource-type",
-        "unit_test",
-    ]
 
 
 def dbt_failures(run_results: Mapping[str, Any]) -> tuple[list[str], list[str]]:
