@@ -128,6 +128,30 @@ class TelemetrySettings(BaseModel):
     backoff_s: float = Field(default=1.0, ge=0)
 
 
+class BillingSettings(BaseModel):
+    """Invoices: the rate card, the period close, numbering and where documents live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_card_file: Path | None = Field(
+        default=None, description="rate card YAML; unset = <state_dir>/rate_card.yaml"
+    )
+    invoices_dir: Path | None = Field(
+        default=None, description="drafts, final invoices, the ledger; unset = <state_dir>/invoices"
+    )
+    grace_days: int = Field(
+        default=3,
+        ge=0,
+        le=60,
+        description="days after a period ends before it may be finalized (late usage lands)",
+    )
+    issuer: str = Field(
+        default="gpuledger operator", min_length=1, max_length=200, description="on every invoice"
+    )
+    invoice_prefix: str = Field(default="INV", pattern=r"^[A-Z][A-Z0-9]{0,9}$")
+    credit_note_prefix: str = Field(default="CN", pattern=r"^[A-Z][A-Z0-9]{0,9}$")
+
+
 class Settings(BaseSettings):
     """All of gpuledger's settings."""
 
@@ -156,6 +180,15 @@ class Settings(BaseSettings):
     stack: StackSettings = Field(default_factory=StackSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
+
+    @property
+    def rate_card_path(self) -> Path:
+        return self.billing.rate_card_file or self.state_dir / "rate_card.yaml"
+
+    @property
+    def invoices_path(self) -> Path:
+        return self.billing.invoices_dir or self.state_dir / "invoices"
 
     @property
     def warehouse_path(self) -> Path:

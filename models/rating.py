@@ -16,6 +16,8 @@ Order of the invoice
    Tier volumes still run over the whole month across the change.
 3. Commitment true-up: when the usage subtotal is below the minimum commitment of the
    version in force on the month's last day, a line for the difference.
+   Then adjustments: lines correcting earlier, finalized months (late usage), given
+   by the caller already rounded.
 4. Prepaid credits: the opening balance plus credits granted in the month pay for the
    subtotal (after true-up) as far as they go, as one negative line; the rest of the
    balance carries to the next month (`Invoice.closing_credit`). Credits were bought
@@ -64,7 +66,8 @@ from models.rate_card import (
     TokenClass,
 )
 
-LineKind = Literal["tokens", "gpu", "energy", "commitment", "credit", "tax"]
+LineKind = Literal["tokens", "gpu", "energy", "commitment", "adjustment", "credit", "tax"]
+USAGE_KINDS: frozenset[str] = frozenset({"tokens", "gpu", "energy"})
 TOKENS_PER_PRICE_UNIT = 1_000_000
 OFF_PEAK = "off_peak"
 
@@ -201,6 +204,26 @@ class InvoiceLine:
     tier: int | None = None
     gpu_type: str | None = None
     tou_window: str | None = None
+    #: Adjustment lines: the invoice, period and line they correct.
+    adjusts_invoice: str | None = None
+    adjusts_period: str | None = None
+    adjusts_line: str | None = None
+
+    @property
+    def line_id(self) -> str:
+        """A key that names the line within its invoice, stable across re-ratings of the
+        same usage: `tokens/2026-03-01/llama-3.1-8b/completion/1`, `energy/2026-03-01/peak`."""
+        parts: list[str] = [self.kind]
+        if self.adjusts_period is not None:
+            parts.append(self.adjusts_period)
+        if self.adjusts_line is not None:
+            return "/".join([*parts, self.adjusts_line])
+        if self.period_start is not None and self.kind in USAGE_KINDS:
+            parts.append(self.period_start.isoformat())
+        for label in (self.model, self.token_class, self.tier, self.gpu_type, self.tou_window):
+            if label is not None:
+                parts.append(str(label))
+        return "/".join(parts)
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,7 @@ class Invoice:
     lines: tuple[InvoiceLine, ...]
     usage_subtotal: Decimal
     commitment_true_up: Decimal
+    adjustments_total: Decimal
     subtotal: Decimal
     credits_applied: Decimal
     taxable_subtotal: Decimal
@@ -437,19 +461,31 @@ def _energy_lines(
 
 
 def rate_month(
-    card: RateCard, usage: MonthlyUsage, *, opening_credit: Decimal = Decimal(0)
+    card: RateCard,
+    usage: MonthlyUsage,
+    *,
+    opening_credit: Decimal = Decimal(0),
+    adjustments: Sequence[InvoiceLine] = (),
 ) -> Invoice:
     """Rate `usage` with `card` into an invoice (see the module docstring).
 
     `opening_credit` is the prepaid balance left after the previous month
     (`Invoice.closing_credit` of that month's invoice); credits the card grants the
-    tenant within this month are added to it.
+    tenant within this month are added to it. `adjustments` are lines correcting earlier,
+    finalized invoices (late usage, `models.invoice.adjustment_lines`): each is already
+    at the minor unit; they join the subtotal after the commitment true-up, so credits
+    and tax apply to them as to this month's usage.
     """
     with localcontext(_EXACT):
-        return _rate_month(card, usage, opening_credit)
+        return _rate_month(card, usage, opening_credit, adjustments)
 
 
-def _rate_month(card: RateCard, usage: MonthlyUsage, opening_credit: Decimal) -> Invoice:
+def _rate_month(
+    card: RateCard,
+    usage: MonthlyUsage,
+    opening_credit: Decimal,
+    adjustments: Sequence[InvoiceLine],
+) -> Invoice:
     currency = card.currency
     opening = to_decimal(opening_credit, "opening_credit")
     if opening < 0 or not is_at_minor_unit(opening, currency):
@@ -486,14 +522,25 @@ def _rate_month(card: RateCard, usage: MonthlyUsage, opening_credit: Decimal) ->
                 period_end=usage.end,
             )
         )
-    subtotal = usage_subtotal + true_up
+    for i, line in enumerate(adjustments):
+        if line.kind != "adjustment" or not is_at_minor_unit(line.amount, currency):
+            raise UnpricedUsage(
+                usage.tenant,
+                f"adjustments.{i}",
+                "expected an adjustment line at the currency's minor unit",
+            )
+    lines.extend(adjustments)
+    adjustments_total = sum((line.amount for line in adjustments), zero)
+    subtotal = usage_subtotal + true_up + adjustments_total
 
     terms = card.terms_for(usage.tenant)
     granted = sum(
         (g.amount for g in terms.credits if usage.start <= g.granted_on < usage.end), zero
     )
     available = opening + granted
-    applied = min(available, subtotal)
+    # Adjustments can make the subtotal negative (usage corrected downwards): credits
+    # never pay a negative amount.
+    applied = max(zero, min(available, subtotal))
     if applied > 0:
         lines.append(
             InvoiceLine(
@@ -533,6 +580,7 @@ def _rate_month(card: RateCard, usage: MonthlyUsage, opening_credit: Decimal) ->
         lines=tuple(lines),
         usage_subtotal=usage_subtotal,
         commitment_true_up=true_up,
+        adjustments_total=adjustments_total,
         subtotal=subtotal,
         credits_applied=applied,
         taxable_subtotal=taxable,

@@ -1,0 +1,280 @@
+"""The billing record: a tenant's hourly usage rows, and what each invoice line is made of.
+
+A `UsageRow` is one row of `marts.fct_tenant_usage_hourly` for one tenant (model x GPU
+type x the hour its requests ended). Rows are the unit of lineage: every usage line of
+an invoice is a sum over rows (`line_sources`), and every row is a sum over request ids
+(the mart it comes from). Quantities are fixed at the row: GPU-hours and kWh are
+converted from the allocation's floating-point seconds and joules once, rounded
+half-even to `QUANTITY_PLACES` decimals, and are exact `Decimal` from then on, so a
+line's quantity is exactly the sum of its rows' parts.
+
+`monthly_usage` turns rows into the rating input (`models.rating.MonthlyUsage`):
+tokens per UTC day and model; GPU-hours per day and GPU type, only on days whose plan
+version prices GPU-hours at all; energy per hour, only on days whose version prices
+energy. A plan that sells tokens only never bills the GPU time or the energy behind
+them (they still appear in the invoice's usage summary).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from zoneinfo import ZoneInfo
+
+from models.rate_card import TOKEN_CLASSES, ModelPricing, PlanVersion, RateCard, TokenClass
+from models.rating import (
+    OFF_PEAK,
+    EnergyUsage,
+    GpuUsage,
+    Invoice,
+    InvoiceLine,
+    MonthlyUsage,
+    TokenUsage,
+)
+
+__all__ = [
+    "QUANTITY_PLACES",
+    "LineSource",
+    "RowKey",
+    "UsageRow",
+    "gpu_hours_from_seconds",
+    "kwh_from_joules",
+    "line_sources",
+    "monthly_usage",
+    "row_delta",
+    "rows_by_key",
+    "version_on",
+]
+
+#: Decimal places of GPU-hours (3.6 ms) and kWh (3.6 J) on a usage row.
+QUANTITY_PLACES = 6
+_QUANTUM = Decimal(1).scaleb(-QUANTITY_PLACES)
+
+RowKey = tuple[datetime, str, str]
+
+
+def _quantity(value: float, divisor: int) -> Decimal:
+    # The one float -> Decimal step: the allocation's joules and seconds are floats by
+    # design (ALLOCATION.md §7); repr() is the shortest text that round-trips.
+    return (Decimal(repr(float(value))) / divisor).quantize(_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def gpu_hours_from_seconds(seconds: float) -> Decimal:
+    return _quantity(seconds, 3600)
+
+
+def kwh_from_joules(joules: float) -> Decimal:
+    return _quantity(joules, 3_600_000)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One tenant's usage of one model on one GPU type in the hour `event_hour` (UTC)."""
+
+    event_hour: datetime
+    model: str
+    gpu_type: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    gpu_hours: Decimal = Decimal(0)
+    energy_kwh: Decimal = Decimal(0)
+
+    @property
+    def key(self) -> RowKey:
+        return (self.event_hour, self.model, self.gpu_type)
+
+    @property
+    def day(self) -> date:
+        return self.event_hour.astimezone(UTC).date()
+
+    def tokens(self, token_class: TokenClass) -> int:
+        if token_class == "prompt":
+            return self.prompt_tokens - self.cached_tokens
+        if token_class == "completion":
+            return self.completion_tokens
+        return self.cached_tokens
+
+    @property
+    def is_zero(self) -> bool:
+        return not (
+            self.requests
+            or self.prompt_tokens
+            or self.cached_tokens
+            or self.completion_tokens
+            or self.gpu_hours
+            or self.energy_kwh
+        )
+
+
+def rows_by_key(rows: Iterable[UsageRow]) -> dict[RowKey, UsageRow]:
+    """Rows summed per key (several snapshots of a period add up to what was billed)."""
+    merged: dict[RowKey, UsageRow] = {}
+    for row in rows:
+        seen = merged.get(row.key)
+        merged[row.key] = row if seen is None else _add(seen, row, 1)
+    return merged
+
+
+def _add(a: UsageRow, b: UsageRow, sign: int) -> UsageRow:
+    return replace(
+        a,
+        requests=a.requests + sign * b.requests,
+        prompt_tokens=a.prompt_tokens + sign * b.prompt_tokens,
+        cached_tokens=a.cached_tokens + sign * b.cached_tokens,
+        completion_tokens=a.completion_tokens + sign * b.completion_tokens,
+        gpu_hours=a.gpu_hours + sign * b.gpu_hours,
+        energy_kwh=a.energy_kwh + sign * b.energy_kwh,
+    )
+
+
+def row_delta(current: Iterable[UsageRow], billed: Iterable[UsageRow]) -> list[UsageRow]:
+    """`current - billed` per key, zero rows left out, sorted by key."""
+    now = rows_by_key(current)
+    before = rows_by_key(billed)
+    out = []
+    for key in sorted(now.keys() | before.keys()):
+        zero = UsageRow(*key)
+        delta = _add(now.get(key, zero), before.get(key, zero), -1)
+        if not delta.is_zero:
+            out.append(delta)
+    return out
+
+
+def version_on(versions: Sequence[PlanVersion], day: date) -> PlanVersion | None:
+    """The plan version in force on `day` (the last one effective on or before it)."""
+    found = None
+    for version in versions:
+        if version.effective_from <= day:
+            found = version
+    return found
+
+
+def monthly_usage(
+    card: RateCard, tenant: str, year: int, month: int, rows: Iterable[UsageRow]
+) -> MonthlyUsage:
+    """The rating input for `tenant`'s month from its hourly rows (see the module doc)."""
+    versions = card.versions_for(tenant)
+    tokens: dict[tuple[date, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    gpu: dict[tuple[date, str], Decimal] = defaultdict(Decimal)
+    energy: dict[datetime, Decimal] = defaultdict(Decimal)
+    for row in rows:
+        day = row.day
+        counts = tokens[day, row.model]
+        counts[0] += row.prompt_tokens
+        counts[1] += row.completion_tokens
+        counts[2] += row.cached_tokens
+        version = version_on(versions, day)
+        if version is not None and version.gpu_hour and row.gpu_hours:
+            gpu[day, row.gpu_type] += row.gpu_hours
+        if version is not None and version.energy is not None and row.energy_kwh:
+            energy[row.event_hour.astimezone(UTC)] += row.energy_kwh
+    return MonthlyUsage(
+        tenant=tenant,
+        year=year,
+        month=month,
+        tokens=[
+            TokenUsage(day=day, model=model, prompt_tokens=p, completion_tokens=c, cached_tokens=k)
+            for (day, model), (p, c, k) in sorted(tokens.items())
+            if p or c or k
+        ],
+        gpu=[
+            GpuUsage(day=day, gpu_type=gpu_type, gpu_hours=hours)
+            for (day, gpu_type), hours in sorted(gpu.items())
+        ],
+        energy=[EnergyUsage(hour_utc=hour, kwh=kwh) for hour, kwh in sorted(energy.items())],
+    )
+
+
+@dataclass(frozen=True)
+class LineSource:
+    """The part `quantity` (in the line's unit) of an invoice line that row `key` makes."""
+
+    key: RowKey
+    quantity: Decimal
+
+    @property
+    def day(self) -> date:
+        return self.key[0].astimezone(UTC).date()
+
+
+def _in_line_period(line: InvoiceLine, day: date) -> bool:
+    return (line.period_start is None or line.period_start <= day) and (
+        line.period_end is None or day < line.period_end
+    )
+
+
+def _tier_bounds(pricing: ModelPricing, tier: int) -> tuple[int, int | None]:
+    low = 0 if tier == 1 else pricing.tiers[tier - 2].up_to_tokens
+    assert low is not None
+    return low, pricing.tiers[tier - 1].up_to_tokens
+
+
+def line_sources(
+    card: RateCard, invoice: Invoice, rows: Sequence[UsageRow]
+) -> list[list[LineSource]]:
+    """For each line of `invoice` (rated from `rows`), the rows it is made of.
+
+    Token lines: the model's rows in the line's days; under graduated tiers each row's
+    tokens take their place in the month's running volume in hour order, and a row
+    whose tokens cross a tier bound is split between the two tiers' lines. GPU lines:
+    the GPU type's rows; energy lines: rows whose hour falls in the line's time-of-use
+    window on the card's clock. Derived lines (commitment, credit, tax, adjustments)
+    have no rows of their own. For usage lines `sum(source.quantity) == line.quantity`.
+    """
+    ordered = sorted(rows, key=lambda r: r.key)
+    versions = card.versions_for(invoice.tenant)
+    zone = ZoneInfo(card.tou_timezone)
+    # Each row's place in the month's running volume per (model, token class).
+    running: dict[tuple[str, TokenClass], int] = defaultdict(int)
+    positions: dict[tuple[RowKey, TokenClass], int] = {}
+    for row in ordered:
+        for token_class in TOKEN_CLASSES:
+            positions[row.key, token_class] = running[row.model, token_class]
+            running[row.model, token_class] += row.tokens(token_class)
+    result: list[list[LineSource]] = []
+    for line in invoice.lines:
+        sources: list[LineSource] = []
+        if line.kind == "tokens" and line.model and line.token_class and line.tier:
+            version = version_on(versions, line.period_start or invoice_start(invoice))
+            assert version is not None
+            pricing = version.models[line.model]
+            low, high = (0, None)
+            if pricing.tier_mode == "graduated":
+                low, high = _tier_bounds(pricing, line.tier)
+            for row in ordered:
+                if row.model != line.model or not _in_line_period(line, row.day):
+                    continue
+                count = row.tokens(line.token_class)
+                start = positions[row.key, line.token_class]
+                top = start + count if high is None else min(high, start + count)
+                inside = top - max(low, start)
+                if inside > 0:
+                    sources.append(LineSource(row.key, Decimal(inside)))
+        elif line.kind == "gpu":
+            for row in ordered:
+                if (
+                    row.gpu_type == line.gpu_type
+                    and row.gpu_hours
+                    and _in_line_period(line, row.day)
+                ):
+                    sources.append(LineSource(row.key, row.gpu_hours))
+        elif line.kind == "energy":
+            version = version_on(versions, line.period_start or invoice_start(invoice))
+            for row in ordered:
+                if not row.energy_kwh or not _in_line_period(line, row.day):
+                    continue
+                assert version is not None and version.energy is not None
+                window = version.energy.window_at(row.event_hour.astimezone(zone).hour)
+                if (OFF_PEAK if window is None else window.name) == line.tou_window:
+                    sources.append(LineSource(row.key, row.energy_kwh))
+        result.append(sources)
+    return result
+
+
+def invoice_start(invoice: Invoice) -> date:
+    return date(invoice.year, invoice.month, 1)

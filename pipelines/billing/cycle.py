@@ -1,0 +1,394 @@
+"""The invoice lifecycle: drafts on every run, finalize after the grace, void by credit note.
+
+- `draft_period(settings, period)` rates every tenant with usage in the period (or a
+  pending adjustment, or a minimum commitment) and rewrites its draft files. A tenant
+  whose invoice for the period is final is left alone: its late usage is reported as
+  pending and carried by the tenant's next draft instead.
+- `finalize_period(settings, period, now=...)` is refused before the period's end plus
+  `billing.grace_days` (unless forced) and while an earlier period still has drafts;
+  it rates afresh, numbers each invoice (gapless, `INV-000001`), writes its files once,
+  read-only, with the usage rows, Kafka watermarks and rate card it was made from, and
+  records their hashes in the ledger. Finalizing twice changes nothing.
+- `void_invoice(settings, number, reason)` issues a credit note that negates the
+  invoice; the period is open again and its next draft bills it anew. An invoice whose
+  period's late usage was carried by a later invoice cannot be voided (void that one
+  first), or the late usage would be billed twice.
+
+Late usage: the usage of a finalized period is compared, on every draft run, with
+what its final invoices billed; a difference becomes adjustment lines
+(`models.invoice.adjustment_lines`, rated with the card the period was finalized
+under) on each open draft of a later period, and is billed by the first of them to be
+finalized, which records the rows it billed for that period.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+
+import polars as pl
+
+from ingest.settings import Settings
+from models.billing_usage import (
+    LineSource,
+    UsageRow,
+    line_sources,
+    monthly_usage,
+    row_delta,
+    rows_by_key,
+)
+from models.errors import InputError
+from models.invoice import (
+    InvoiceDocument,
+    adjustment_lines,
+    build_document,
+    content_hash,
+    credit_note,
+    finalized,
+    period_bounds,
+)
+from models.rate_card import RateCard, load_rate_card
+from models.rating import InvoiceLine, rate_month
+from pipelines.billing.artifacts import render_artifacts
+from pipelines.billing.store import FinalRecord, InvoiceStore, rows_frame
+from pipelines.billing.usage import period_rows, period_window, watermarks
+
+__all__ = [
+    "BillingRun",
+    "TenantInvoice",
+    "draft_period",
+    "finalize_period",
+    "load_card",
+    "period_closes_at",
+    "void_invoice",
+]
+
+
+@dataclass(frozen=True)
+class LoadedCard:
+    card: RateCard
+    text: str
+    sha256: str
+
+
+def load_card(settings: Settings) -> LoadedCard:
+    """The rate card of `settings` (`billing.rate_card_file`, else <state>/rate_card.yaml)."""
+    path = settings.rate_card_path
+    if not path.is_file():
+        raise InputError(
+            f"rate card {path} does not exist: write one (see README, 'Invoices') or set "
+            "GPULEDGER_BILLING__RATE_CARD_FILE"
+        )
+    text = path.read_text()
+    return LoadedCard(load_rate_card(text, source=str(path)), text, content_hash(text.encode()))
+
+
+@dataclass(frozen=True)
+class TenantInvoice:
+    """A tenant's document of the run, with what it was made from."""
+
+    document: InvoiceDocument
+    rows: list[UsageRow]
+    #: Periods it adjusts: period -> (rows of the difference, the invoice corrected).
+    adjusted: dict[str, tuple[list[UsageRow], str]] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass
+class BillingRun:
+    period: str
+    invoices: list[TenantInvoice] = field(default_factory=list)
+    #: Tenants whose invoice for the period is final already.
+    final: list[str] = field(default_factory=list)
+    #: Finalized periods whose usage changed since: (tenant, period, invoice) awaiting
+    #: the next draft of the tenant.
+    pending: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def period_closes_at(settings: Settings, period: str) -> datetime:
+    _, end = period_window(period)
+    return end + timedelta(days=settings.billing.grace_days)
+
+
+def _previous_periods(period: str, finals: Sequence[FinalRecord]) -> list[str]:
+    return sorted({r.period for r in finals if r.period < period})
+
+
+def _billed_rows(
+    store: InvoiceStore, finals: Sequence[FinalRecord], tenant: str, period: str
+) -> list[UsageRow]:
+    rows: list[UsageRow] = []
+    for record in finals:
+        if record.tenant == tenant and record.active:
+            rows.extend(store.billed_rows(record).get(period, []))
+    return list(rows_by_key(rows).values())
+
+
+def _original(finals: Sequence[FinalRecord], tenant: str, period: str) -> FinalRecord | None:
+    for record in finals:
+        if record.tenant == tenant and record.period == period and record.active:
+            return record
+    return None
+
+
+def _adjustments(
+    settings: Settings,
+    store: InvoiceStore,
+    finals: Sequence[FinalRecord],
+    tenant: str,
+    before: str,
+    current_cache: dict[str, dict[str, list[UsageRow]]],
+) -> tuple[list[InvoiceLine], dict[str, tuple[list[UsageRow], str]]]:
+    lines: list[InvoiceLine] = []
+    adjusted: dict[str, tuple[list[UsageRow], str]] = {}
+    for period in _previous_periods(before, finals):
+        original = _original(finals, tenant, period)
+        if original is None:
+            continue
+        if period not in current_cache:
+            current_cache[period] = period_rows(settings, period)[0]
+        current = current_cache[period].get(tenant, [])
+        billed = _billed_rows(store, finals, tenant, period)
+        delta = row_delta(current, billed)
+        if not delta:
+            continue
+        card_text = (original.path / "rate_card.yaml").read_text()
+        card = load_rate_card(card_text, source=f"{original.number}/rate_card.yaml")
+        lines.extend(
+            adjustment_lines(
+                card, tenant, period, billed=billed, current=current, invoice_number=original.number
+            )
+        )
+        adjusted[period] = (delta, original.number)
+    return lines, adjusted
+
+
+def _opening_credit(
+    card: RateCard,
+    store: InvoiceStore,
+    finals: Sequence[FinalRecord],
+    tenant: str,
+    period: str,
+    drafts_before: Sequence[InvoiceDocument],
+) -> Decimal:
+    start, _ = period_bounds(period)
+    granted = sum(
+        (g.amount for g in card.terms_for(tenant).credits if g.granted_on < start), Decimal(0)
+    )
+    applied = Decimal(0)
+    for record in finals:
+        if record.tenant == tenant and record.active and record.period < period:
+            applied += store.read_document(record.path).credits_applied
+    applied += sum((d.credits_applied for d in drafts_before), Decimal(0))
+    return max(granted - applied, Decimal(0))
+
+
+def _rate_period(
+    settings: Settings,
+    store: InvoiceStore,
+    loaded: LoadedCard,
+    period: str,
+) -> BillingRun:
+    run = BillingRun(period)
+    finals = store.finals()
+    rows_by_tenant, policies = period_rows(settings, period)
+    idle_policy = "/".join(sorted(policies)) or "separate"
+    cache: dict[str, dict[str, list[UsageRow]]] = {period: rows_by_tenant}
+    start, end = period_bounds(period)
+    # Tenants the card commits to a minimum owe it even in a month without usage.
+    committed = {
+        name
+        for name, terms in loaded.card.tenants.items()
+        if any(
+            v.minimum_commitment > 0 and v.effective_from < end
+            for v in loaded.card.plans[terms.plan]
+        )
+    }
+    tenants = set(rows_by_tenant) | committed
+    tenants |= {r.tenant for r in finals if r.active and r.period < period}
+    for tenant in sorted(tenants):
+        lines, adjusted = _adjustments(settings, store, finals, tenant, period, cache)
+        if _original(finals, tenant, period) is not None:
+            run.final.append(tenant)
+            continue
+        rows = rows_by_tenant.get(tenant, [])
+        if not rows and not lines and tenant not in committed:
+            continue
+        drafts_before = [
+            store.read_document(store.draft_dir(p, tenant))
+            for p in store.draft_periods()
+            if p < period and (store.draft_dir(p, tenant) / "invoice.json").is_file()
+        ]
+        opening = _opening_credit(loaded.card, store, finals, tenant, period, drafts_before)
+        usage = monthly_usage(loaded.card, tenant, start.year, start.month, rows)
+        invoice = rate_month(loaded.card, usage, opening_credit=opening, adjustments=lines)
+        document = build_document(
+            invoice,
+            rows,
+            issuer=settings.billing.issuer,
+            idle_policy=idle_policy,
+            rate_card_sha256=loaded.sha256,
+        )
+        run.invoices.append(TenantInvoice(document, rows, adjusted))
+    # Late usage of finalized periods (this one included) not yet carried by a draft.
+    for record in finals:
+        if record.active and record.period <= period:
+            current = cache.get(record.period)
+            if current is None:
+                current = cache[record.period] = period_rows(settings, record.period)[0]
+            billed = _billed_rows(store, finals, record.tenant, record.period)
+            if row_delta(current.get(record.tenant, []), billed):
+                run.pending.append((record.tenant, record.period, record.number))
+    return run
+
+
+def _sources(loaded: LoadedCard, item: TenantInvoice) -> list[list[LineSource]]:
+    start, _ = period_bounds(item.document.period)
+    usage = monthly_usage(loaded.card, item.document.tenant, start.year, start.month, item.rows)
+    invoice = rate_month(loaded.card, usage)
+    usage_sources = line_sources(loaded.card, invoice, item.rows)
+    by_id = {line.line_id: src for line, src in zip(invoice.lines, usage_sources, strict=True)}
+    return [
+        by_id.get(line.line_id, []) if line.kind != "adjustment" else []
+        for line in item.document.lines
+    ]
+
+
+def draft_period(settings: Settings, period: str) -> BillingRun:
+    """Rate the period and rewrite its drafts (see the module doc)."""
+    store = InvoiceStore(settings.invoices_path)
+    loaded = load_card(settings)
+    with store.locked():
+        run = _rate_period(settings, store, loaded, period)
+        keep = set()
+        for i, item in enumerate(run.invoices):
+            files = render_artifacts(item.document, _sources(loaded, item))
+            path = store.write_draft(period, item.document.tenant, files)
+            run.invoices[i] = TenantInvoice(item.document, item.rows, item.adjusted, str(path))
+            keep.add(item.document.tenant)
+        for tenant in store.draft_tenants(period):
+            if tenant not in keep:
+                store.remove_draft(period, tenant)
+    return run
+
+
+def finalize_period(
+    settings: Settings, period: str, *, now: datetime | None = None, force: bool = False
+) -> BillingRun:
+    """Finalize every tenant's invoice of `period` (see the module doc)."""
+    moment = now or datetime.now(UTC)
+    closes = period_closes_at(settings, period)
+    if moment < closes and not force:
+        raise InputError(
+            f"billing period {period}: it closes at {closes:%Y-%m-%d %H:%M} UTC (period end + "
+            f"{settings.billing.grace_days} grace days); finalize then, or pass --force"
+        )
+    store = InvoiceStore(settings.invoices_path)
+    open_before = [p for p in store.draft_periods() if p < period]
+    if open_before:
+        raise InputError(
+            f"billing period {period}: earlier periods have drafts that are not final "
+            f"({', '.join(open_before)}); finalize them first"
+        )
+    loaded = load_card(settings)
+    with store.locked():
+        run = _rate_period(settings, store, loaded, period)
+        issued_on = moment.astimezone(UTC).date()
+        for i, item in enumerate(run.invoices):
+            tenant = item.document.tenant
+            number = store.next_number(settings.billing.invoice_prefix)
+            document = finalized(item.document, number, issued_on)
+            files = dict(render_artifacts(document, _sources(loaded, item)))
+            billed = {period: item.rows, **{p: rows for p, (rows, _) in item.adjusted.items()}}
+            files["billed_usage.parquet"] = _parquet(rows_frame(billed))
+            marks = [watermarks(settings, p, tenant).with_columns(period=pl.lit(p)) for p in billed]
+            files["watermarks.parquet"] = _parquet(pl.concat(marks, how="vertical"))
+            files["rate_card.yaml"] = loaded.text.encode()
+            record = store.write_final(
+                document,
+                files,
+                extra={"adjusts": {p: n for p, (_, n) in item.adjusted.items()}},
+            )
+            store.remove_draft(period, tenant)
+            run.invoices[i] = TenantInvoice(document, item.rows, item.adjusted, str(record.path))
+        for tenant in store.draft_tenants(period):
+            store.remove_draft(period, tenant)  # nothing left to bill there
+    return run
+
+
+def _parquet(frame: pl.DataFrame) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd", statistics=False)
+    return buffer.getvalue()
+
+
+def void_invoice(
+    settings: Settings, number: str, *, reason: str, now: datetime | None = None
+) -> FinalRecord:
+    """Void final invoice `number` with a credit note; returns the credit note's record."""
+    if not reason.strip():
+        raise InputError("void: --reason is required (it is printed on the credit note)")
+    store = InvoiceStore(settings.invoices_path)
+    with store.locked():
+        record = store.find(number)
+        if record.kind != "invoice":
+            raise InputError(
+                f"void {number}: it is a {record.kind.replace('_', ' ')}, not an invoice"
+            )
+        if record.voided_by is not None:
+            raise InputError(f"void {number}: already voided by {record.voided_by}")
+        for other in store.finals():
+            if (
+                other.active
+                and other.tenant == record.tenant
+                and other.period > record.period
+                and record.period in store.billed_rows(other)
+            ):
+                raise InputError(
+                    f"void {number}: {other.number} carries late usage of {record.period}; "
+                    f"void {other.number} first"
+                )
+        voided = store.read_document(record.path)
+        moment = now or datetime.now(UTC)
+        note = credit_note(
+            voided,
+            number=store.next_number(settings.billing.credit_note_prefix),
+            issued_on=moment.astimezone(UTC).date(),
+            reason=reason.strip(),
+        )
+        files = render_artifacts(note)
+        written = store.write_final(note, files)
+        store.append(
+            {
+                "event": "voided",
+                "number": number,
+                "credit_note": note.number,
+                "reason": reason.strip(),
+                "at": datetime.now(UTC).isoformat(),
+            }
+        )
+        return written
+
+
+def periods_with_usage(settings: Settings, start: datetime, end: datetime) -> list[str]:
+    """Billing periods overlapping [start, end)."""
+    periods = []
+    cursor = datetime.combine(start.astimezone(UTC).date().replace(day=1), time(), UTC)
+    while cursor < end:
+        periods.append(f"{cursor:%Y-%m}")
+        cursor = datetime.combine(period_bounds(f"{cursor:%Y-%m}")[1], time(), UTC)
+    return periods
+
+
+def tenant_totals(run: BillingRun) -> list[tuple[str, str, Decimal, str]]:
+    """(tenant, currency, total, number or 'draft') of a run's documents."""
+    totals: dict[str, tuple[str, Decimal, str]] = defaultdict(lambda: ("", Decimal(0), ""))
+    for item in run.invoices:
+        doc = item.document
+        totals[doc.tenant] = (doc.currency, doc.total, doc.number or "draft")
+    return [(t, c, total, n) for t, (c, total, n) in sorted(totals.items())]
