@@ -18,6 +18,7 @@ demo: install system-deps
 	$(BIN)/gpuledger demo
 
 test: install system-deps lint
+	bash tests/focus_validator_setup.sh
 	$(BIN)/pytest
 
 lint: install

@@ -18,10 +18,11 @@ them (they still appear in the invoice's usage summary).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from models.rate_card import TOKEN_CLASSES, ModelPricing, PlanVersion, RateCard, TokenClass
@@ -37,6 +38,7 @@ from models.rating import (
 
 __all__ = [
     "QUANTITY_PLACES",
+    "DayResources",
     "LineSource",
     "RowKey",
     "UsageRow",
@@ -46,6 +48,8 @@ __all__ = [
     "monthly_usage",
     "row_delta",
     "rows_by_key",
+    "split_quantity",
+    "token_line_resources",
     "version_on",
 ]
 
@@ -278,3 +282,72 @@ def line_sources(
 
 def invoice_start(invoice: Invoice) -> date:
     return date(invoice.year, invoice.month, 1)
+
+
+def split_quantity(total: Decimal, weights: Sequence[Decimal]) -> list[Decimal]:
+    """Split `total` (at most QUANTITY_PLACES decimals) in proportion to non-negative
+    `weights` with a positive sum, by largest remainder: parts at QUANTITY_PLACES that
+    add up to `total` exactly (ties to the earlier part)."""
+    units = int((total / _QUANTUM).to_integral_value())
+    if units * _QUANTUM != total:
+        raise ValueError(f"{total} has more than {QUANTITY_PLACES} decimals")
+    weight_sum = sum((Fraction(w) for w in weights), Fraction(0))
+    if weight_sum <= 0 or any(w < 0 for w in weights):
+        raise ValueError("weights must be non-negative with a positive sum")
+    sign, magnitude = (-1 if units < 0 else 1), abs(units)
+    shares = [magnitude * Fraction(w) / weight_sum for w in weights]
+    parts = [s.numerator // s.denominator for s in shares]
+    order = sorted(range(len(shares)), key=lambda i: (-(shares[i] - parts[i]), i))
+    for i in order[: magnitude - sum(parts)]:
+        parts[i] += 1
+    return [sign * part * _QUANTUM for part in parts]
+
+
+@dataclass(frozen=True)
+class DayResources:
+    """Energy and GPU time behind a line on one UTC day."""
+
+    energy_kwh: Decimal = Decimal(0)
+    gpu_hours: Decimal = Decimal(0)
+
+
+def token_line_resources(
+    lines: Sequence[InvoiceLine],
+    sources: Sequence[Sequence[LineSource]],
+    rows: Sequence[UsageRow],
+    prefill_weights: Mapping[str, Decimal],
+    default_prefill_weight: Decimal,
+) -> list[dict[date, DayResources]]:
+    """For each token line, per day, the energy and GPU-hours of the requests behind it.
+
+    A row's energy and GPU-hours are shared between the token lines it feeds in
+    proportion to the work of its tokens there, as the allocation defines work
+    (ALLOCATION.md §3): an uncached prompt token weighs the model's configured
+    `w_prefill`, a completion token 1, a cached token 0. Each row is split by largest
+    remainder, so the token lines' parts of a row add up to the row exactly (a row with
+    no work, all tokens cached, keeps its energy off the token lines).
+    """
+    by_key = {row.key: row for row in rows}
+    feeds: dict[RowKey, list[tuple[int, Decimal]]] = defaultdict(list)
+    for i, (line, parts) in enumerate(zip(lines, sources, strict=True)):
+        if line.kind != "tokens" or line.model is None or line.token_class is None:
+            continue
+        weight = {
+            "prompt": prefill_weights.get(line.model, default_prefill_weight),
+            "completion": Decimal(1),
+            "cached": Decimal(0),
+        }[line.token_class]
+        for part in parts:
+            feeds[part.key].append((i, part.quantity * weight))
+    out: list[dict[date, DayResources]] = [{} for _ in lines]
+    for key, fed in sorted(feeds.items()):
+        row = by_key[key]
+        weights = [w for _, w in fed]
+        if sum(weights) <= 0:
+            continue
+        energy = split_quantity(row.energy_kwh, weights)
+        gpu = split_quantity(row.gpu_hours, weights)
+        for (i, _), kwh, hours in zip(fed, energy, gpu, strict=True):
+            seen = out[i].get(row.day, DayResources())
+            out[i][row.day] = DayResources(seen.energy_kwh + kwh, seen.gpu_hours + hours)
+    return out

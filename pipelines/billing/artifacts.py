@@ -16,11 +16,11 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
-from models.billing_usage import LineSource
+from models.billing_usage import DayResources, LineSource
 from models.focus import FocusCharge, focus_frame
 from models.invoice import DocumentLine, InvoiceDocument, canonical_json, content_hash
 from models.invoice_pdf import render_pdf
@@ -157,14 +157,21 @@ def _charge(
         x_gpu_seconds=gpu_seconds,
         x_idle_policy=doc.idle_policy,
         x_adjusts_invoice_id=line.adjusts_invoice or doc.voids,
+        # A minimum commitment recurs every month; other non-usage lines are one-off.
+        charge_frequency="Recurring" if line.kind == "commitment" else None,
     )
 
 
 def focus_charges(
-    document: InvoiceDocument, sources: Sequence[Sequence[LineSource]] | None = None
+    document: InvoiceDocument,
+    sources: Sequence[Sequence[LineSource]] | None = None,
+    resources: Sequence[Mapping[date, DayResources]] | None = None,
 ) -> list[FocusCharge]:
     """FOCUS charges of a document (see the module doc); `sources[i]` are the rows of
-    line i (`models.billing_usage.line_sources`), absent for a credit note."""
+    line i (`models.billing_usage.line_sources`), absent for a credit note;
+    `resources[i]` the energy and GPU time behind token line i per day
+    (`models.billing_usage.token_line_resources`), carried in `x_EnergyKwh` and
+    `x_GpuSeconds`."""
     charges: list[FocusCharge] = []
     period_start, period_end = _utc(document.period_start), _utc(document.period_end)
     for i, line in enumerate(document.lines):
@@ -179,10 +186,12 @@ def focus_charges(
             and days
             and sum(per_day[d] for d in days) == line.quantity
         )
+        behind = resources[i] if resources is not None and i < len(resources) else {}
         if split:
             parts = largest_remainder(line.amount, [per_day[d] for d in days], document.currency)
             for day, amount in zip(days, parts, strict=True):
                 quantity = per_day[day]
+                energy, gpu_s = _resources_on(line, quantity, behind.get(day))
                 charges.append(
                     _charge(
                         document,
@@ -191,13 +200,22 @@ def focus_charges(
                         end=_utc(day + timedelta(days=1)),
                         amount=amount,
                         quantity=quantity,
-                        energy_kwh=quantity if line.kind == "energy" else None,
-                        gpu_seconds=quantity * 3600 if line.kind == "gpu" else None,
+                        energy_kwh=energy,
+                        gpu_seconds=gpu_s,
                     )
                 )
             continue
         start = _utc(line.period_start) if line.period_start else period_start
         end = _utc(line.period_end) if line.period_end else period_end
+        total = DayResources(
+            sum((r.energy_kwh for r in behind.values()), Decimal(0)),
+            sum((r.gpu_hours for r in behind.values()), Decimal(0)),
+        )
+        energy, gpu_s = (
+            _resources_on(line, line.quantity, total if behind else None)
+            if line.unit
+            else (None, None)
+        )
         charges.append(
             _charge(
                 document,
@@ -206,21 +224,37 @@ def focus_charges(
                 end=end,
                 amount=line.amount,
                 quantity=line.quantity if line.unit else None,
-                energy_kwh=line.quantity if line.unit == "kWh" else None,
-                gpu_seconds=line.quantity * 3600 if line.unit == "GPU-hour" else None,
+                energy_kwh=energy,
+                gpu_seconds=gpu_s,
             )
         )
     return charges
 
 
+def _resources_on(
+    line: DocumentLine, quantity: Decimal, behind: DayResources | None
+) -> tuple[Decimal | None, Decimal | None]:
+    """(kWh, GPU-seconds) behind `quantity` of `line`."""
+    if line.unit == "kWh":
+        return quantity, None
+    if line.unit == "GPU-hour":
+        return None, quantity * 3600
+    if behind is None:
+        return None, None
+    return behind.energy_kwh, behind.gpu_hours * 3600
+
+
 def render_artifacts(
-    document: InvoiceDocument, sources: Sequence[Sequence[LineSource]] | None = None
+    document: InvoiceDocument,
+    sources: Sequence[Sequence[LineSource]] | None = None,
+    resources: Sequence[Mapping[date, DayResources]] | None = None,
 ) -> dict[str, bytes]:
     """Every file of the document, by name; the PDF prints the JSON's content hash."""
     from pipelines.billing.focus_export import focus_bytes
 
     data = canonical_json(document)
-    focus_csv, focus_parquet = focus_bytes(focus_frame(focus_charges(document, sources)))
+    charges = focus_charges(document, sources, resources)
+    focus_csv, focus_parquet = focus_bytes(focus_frame(charges))
     return {
         "invoice.json": data,
         "lines.csv": lines_csv(document),

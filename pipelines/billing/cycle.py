@@ -26,19 +26,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 import polars as pl
 
 from ingest.settings import Settings
 from models.billing_usage import (
+    DayResources,
     LineSource,
     UsageRow,
     line_sources,
     monthly_usage,
     row_delta,
     rows_by_key,
+    token_line_resources,
 )
 from models.errors import InputError
 from models.invoice import (
@@ -52,6 +54,7 @@ from models.invoice import (
 )
 from models.rate_card import RateCard, load_rate_card
 from models.rating import InvoiceLine, rate_month
+from pipelines.allocation import load_allocation_config
 from pipelines.billing.artifacts import render_artifacts
 from pipelines.billing.store import FinalRecord, InvoiceStore, rows_frame
 from pipelines.billing.usage import period_rows, period_window, watermarks
@@ -245,16 +248,41 @@ def _rate_period(
     return run
 
 
-def _sources(loaded: LoadedCard, item: TenantInvoice) -> list[list[LineSource]]:
+@dataclass(frozen=True)
+class _Lineage:
+    sources: list[list[LineSource]]
+    resources: list[dict[date, DayResources]]
+
+
+def _lineage(settings: Settings, loaded: LoadedCard, item: TenantInvoice) -> _Lineage:
+    """Per document line: its usage rows, and (token lines) the energy and GPU time
+    behind it per day."""
     start, _ = period_bounds(item.document.period)
     usage = monthly_usage(loaded.card, item.document.tenant, start.year, start.month, item.rows)
     invoice = rate_month(loaded.card, usage)
     usage_sources = line_sources(loaded.card, invoice, item.rows)
     by_id = {line.line_id: src for line, src in zip(invoice.lines, usage_sources, strict=True)}
-    return [
+    sources = [
         by_id.get(line.line_id, []) if line.kind != "adjustment" else []
         for line in item.document.lines
     ]
+    config = load_allocation_config(settings)
+    weights = {m: Decimal(repr(w.w_prefill)) for m, w in config.model_weights.items()}
+    resources = token_line_resources(
+        invoice.lines,
+        usage_sources,
+        item.rows,
+        weights,
+        Decimal(repr(config.default_weights.w_prefill)),
+    )
+    by_id_resources = dict(zip((line.line_id for line in invoice.lines), resources, strict=True))
+    return _Lineage(
+        sources,
+        [
+            by_id_resources.get(line.line_id, {}) if line.kind == "tokens" else {}
+            for line in item.document.lines
+        ],
+    )
 
 
 def draft_period(settings: Settings, period: str) -> BillingRun:
@@ -265,7 +293,8 @@ def draft_period(settings: Settings, period: str) -> BillingRun:
         run = _rate_period(settings, store, loaded, period)
         keep = set()
         for i, item in enumerate(run.invoices):
-            files = render_artifacts(item.document, _sources(loaded, item))
+            lineage = _lineage(settings, loaded, item)
+            files = render_artifacts(item.document, lineage.sources, lineage.resources)
             path = store.write_draft(period, item.document.tenant, files)
             run.invoices[i] = TenantInvoice(item.document, item.rows, item.adjusted, str(path))
             keep.add(item.document.tenant)
@@ -301,7 +330,8 @@ def finalize_period(
             tenant = item.document.tenant
             number = store.next_number(settings.billing.invoice_prefix)
             document = finalized(item.document, number, issued_on)
-            files = dict(render_artifacts(document, _sources(loaded, item)))
+            lineage = _lineage(settings, loaded, item)
+            files = dict(render_artifacts(document, lineage.sources, lineage.resources))
             billed = {period: item.rows, **{p: rows for p, (rows, _) in item.adjusted.items()}}
             files["billed_usage.parquet"] = _parquet(rows_frame(billed))
             marks = [watermarks(settings, p, tenant).with_columns(period=pl.lit(p)) for p in billed]

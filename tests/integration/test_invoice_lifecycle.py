@@ -201,3 +201,27 @@ def test_finalizing_april_bills_the_adjustment_once(lifecycle: Lifecycle) -> Non
 def test_a_period_cannot_close_before_its_grace(lifecycle: Lifecycle) -> None:
     with pytest.raises(InputError, match="closes at 2026-06-04"):
         finalize_period(lifecycle.settings, "2026-05", now=datetime(2026, 6, 2, tzinfo=UTC))
+
+
+@pytest.mark.parametrize("name", ["focus.csv", "focus.parquet"])
+def test_the_pipelines_focus_files_pass_focus_validator(
+    lifecycle: Lifecycle, name: str, tmp_path: Path
+) -> None:
+    """The real files of a final invoice (usage, true-up, Correction rows, credit, tax)
+    pass the FinOps Foundation's validator; skipped where it is not installed."""
+    from tests.integration.test_focus_validator import (
+        _or_branches,
+        _package_dir,
+        _real_failures,
+        _run,
+        _validator,
+    )
+
+    validator = _validator()
+    store = InvoiceStore(lifecycle.settings.invoices_path)
+    finals = [r for r in store.finals() if r.kind == "invoice"]
+    with_corrections = [r for r in finals if r.period == "2026-04"]
+    for record in [*finals[:1], *with_corrections]:
+        _, statuses, details = _run(validator, record.path / name, tmp_path)
+        failures = _real_failures(statuses, _or_branches(_package_dir(validator)))
+        assert failures == [], [f"{rule}: {details.get(rule)}" for rule in failures]
