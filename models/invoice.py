@@ -264,10 +264,12 @@ def adjustment_lines(
     *,
     billed: Sequence[UsageRow],
     current: Sequence[UsageRow],
-    invoice_number: str,
+    invoice_number: str | None,
 ) -> list[InvoiceLine]:
     """Lines correcting finalized invoice `invoice_number` of `period` for usage that
     changed since (see the module doc); empty when nothing billable changed.
+    `invoice_number` is None for a tenant without an invoice for the period (its first
+    usage of the period arrived after the period was closed).
 
     `card` is the rate card the invoice was finalized under; `billed` the rows it (and
     earlier adjustments of the same period) billed, `current` the period's rows now.
@@ -290,7 +292,10 @@ def adjustment_lines(
         lines.append(
             InvoiceLine(
                 kind="adjustment",
-                description=f"{template.description} ({period}, {invoice_number}): late usage",
+                description=(
+                    f"{template.description} ({period}, {invoice_number or 'not invoiced'}): "
+                    "late usage"
+                ),
                 amount=amount,
                 quantity=quantity,
                 unit=template.unit,

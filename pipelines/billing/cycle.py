@@ -96,7 +96,7 @@ class TenantInvoice:
     document: InvoiceDocument
     rows: list[UsageRow]
     #: Periods it adjusts: period -> (rows of the difference, the invoice corrected).
-    adjusted: dict[str, tuple[list[UsageRow], str]] = field(default_factory=dict)
+    adjusted: dict[str, tuple[list[UsageRow], str | None]] = field(default_factory=dict)
     path: str = ""
 
 
@@ -106,8 +106,8 @@ class BillingRun:
     invoices: list[TenantInvoice] = field(default_factory=list)
     #: Tenants whose invoice for the period is final already.
     final: list[str] = field(default_factory=list)
-    #: Finalized periods whose usage changed since: (tenant, period, invoice) awaiting
-    #: the next draft of the tenant.
+    #: Closed periods whose usage changed since: (tenant, period, the invoice or
+    #: "not invoiced") awaiting the tenant's next invoice.
     pending: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -117,7 +117,8 @@ def period_closes_at(settings: Settings, period: str) -> datetime:
 
 
 def _previous_periods(period: str, finals: Sequence[FinalRecord]) -> list[str]:
-    return sorted({r.period for r in finals if r.period < period})
+    """Closed periods before `period`: those with a final invoice in force."""
+    return sorted({r.period for r in finals if r.active and r.period < period})
 
 
 def _billed_rows(
@@ -137,35 +138,66 @@ def _original(finals: Sequence[FinalRecord], tenant: str, period: str) -> FinalR
     return None
 
 
+def _period_card(
+    store: InvoiceStore, finals: Sequence[FinalRecord], period: str, tenant: str
+) -> RateCard:
+    """The card `period` was finalized with: the tenant's own invoice's, else (a tenant
+    first seen after the close) that of any final invoice of the period."""
+    record = _original(finals, tenant, period) or next(
+        r for r in finals if r.active and r.period == period
+    )
+    sha256 = store.read_document(record.path).rate_card_sha256
+    return load_rate_card(store.card_text(sha256), source=str(store.card_path(sha256)))
+
+
+def _late_rows(
+    settings: Settings,
+    store: InvoiceStore,
+    finals: Sequence[FinalRecord],
+    tenant: str,
+    period: str,
+    cache: dict[str, dict[str, list[UsageRow]]],
+) -> tuple[list[UsageRow], list[UsageRow], list[UsageRow]] | None:
+    """(current, billed, difference) of a closed `period` for `tenant`, or None when
+    nothing changed or the period is open again for the tenant (a draft of it exists:
+    it is billed by finalizing that draft)."""
+    if (store.draft_dir(period, tenant) / "invoice.json").is_file():
+        return None
+    if period not in cache:
+        cache[period] = period_rows(settings, period)[0]
+    current = cache[period].get(tenant, [])
+    billed = _billed_rows(store, finals, tenant, period)
+    delta = row_delta(current, billed)
+    return (current, billed, delta) if delta else None
+
+
 def _adjustments(
     settings: Settings,
     store: InvoiceStore,
     finals: Sequence[FinalRecord],
     tenant: str,
     before: str,
-    current_cache: dict[str, dict[str, list[UsageRow]]],
-) -> tuple[list[InvoiceLine], dict[str, tuple[list[UsageRow], str]]]:
+    cache: dict[str, dict[str, list[UsageRow]]],
+) -> tuple[list[InvoiceLine], dict[str, tuple[list[UsageRow], str | None]]]:
+    """Adjustment lines for every closed period before `before` whose usage of `tenant`
+    changed since it was billed, including a tenant whose first usage of a closed period
+    arrived after the close (no invoice to name: the whole usage is the adjustment)."""
     lines: list[InvoiceLine] = []
-    adjusted: dict[str, tuple[list[UsageRow], str]] = {}
+    adjusted: dict[str, tuple[list[UsageRow], str | None]] = {}
     for period in _previous_periods(before, finals):
+        late = _late_rows(settings, store, finals, tenant, period, cache)
+        if late is None:
+            continue
+        current, billed, delta = late
         original = _original(finals, tenant, period)
-        if original is None:
-            continue
-        if period not in current_cache:
-            current_cache[period] = period_rows(settings, period)[0]
-        current = current_cache[period].get(tenant, [])
-        billed = _billed_rows(store, finals, tenant, period)
-        delta = row_delta(current, billed)
-        if not delta:
-            continue
-        card_text = (original.path / "rate_card.yaml").read_text()
-        card = load_rate_card(card_text, source=f"{original.number}/rate_card.yaml")
+        number = original.number if original else None
+        card = _period_card(store, finals, period, tenant)
         lines.extend(
             adjustment_lines(
-                card, tenant, period, billed=billed, current=current, invoice_number=original.number
+                card, tenant, period, billed=billed, current=current, invoice_number=number
             )
         )
-        adjusted[period] = (delta, original.number)
+        adjusted[period] = (delta, number)
     return lines, adjusted
 
 
@@ -211,7 +243,11 @@ def _rate_period(
         )
     }
     tenants = set(rows_by_tenant) | committed
-    tenants |= {r.tenant for r in finals if r.active and r.period < period}
+    closed = _previous_periods(period, finals)
+    for earlier in closed:
+        if earlier not in cache:
+            cache[earlier] = period_rows(settings, earlier)[0]
+        tenants |= set(cache[earlier])
     for tenant in sorted(tenants):
         lines, adjusted = _adjustments(settings, store, finals, tenant, period, cache)
         if _original(finals, tenant, period) is not None:
@@ -236,15 +272,19 @@ def _rate_period(
             rate_card_sha256=loaded.sha256,
         )
         run.invoices.append(TenantInvoice(document, rows, adjusted))
-    # Late usage of finalized periods (this one included) not yet carried by a draft.
-    for record in finals:
-        if record.active and record.period <= period:
-            current = cache.get(record.period)
-            if current is None:
-                current = cache[record.period] = period_rows(settings, record.period)[0]
-            billed = _billed_rows(store, finals, record.tenant, record.period)
-            if row_delta(current.get(record.tenant, []), billed):
-                run.pending.append((record.tenant, record.period, record.number))
+    # Late usage of closed periods (this one included) not yet billed.
+    for earlier in sorted({*closed, *([period] if run.final else [])}):
+        if earlier not in cache:
+            cache[earlier] = period_rows(settings, earlier)[0]
+        owners = set(cache[earlier]) | {
+            r.tenant for r in finals if r.active and r.period == earlier
+        }
+        for tenant in sorted(owners):
+            if _late_rows(settings, store, finals, tenant, earlier, cache) is not None:
+                original = _original(finals, tenant, earlier)
+                run.pending.append(
+                    (tenant, earlier, original.number if original else "not invoiced")
+                )
     return run
 
 
@@ -336,11 +376,11 @@ def finalize_period(
             files["billed_usage.parquet"] = _parquet(rows_frame(billed))
             marks = [watermarks(settings, p, tenant).with_columns(period=pl.lit(p)) for p in billed]
             files["watermarks.parquet"] = _parquet(pl.concat(marks, how="vertical"))
-            files["rate_card.yaml"] = loaded.text.encode()
+            store.save_card(loaded.text)
             record = store.write_final(
                 document,
                 files,
-                extra={"adjusts": {p: n for p, (_, n) in item.adjusted.items()}},
+                extra={"adjusts": {p: n or "not invoiced" for p, (_, n) in item.adjusted.items()}},
             )
             store.remove_draft(period, tenant)
             run.invoices[i] = TenantInvoice(document, item.rows, item.adjusted, str(record.path))

@@ -108,7 +108,8 @@ def explain_line(
         return Explanation(document, line, [], pl.DataFrame(), document.period, path)
     if record is not None:
         rows_all = store.billed_rows(record).get(document.period, [])
-        card = load_rate_card((path / "rate_card.yaml").read_text(), source=str(path))
+        sha256 = document.rate_card_sha256
+        card = load_rate_card(store.card_text(sha256), source=str(store.card_path(sha256)))
         marks: Watermarks | None = _marks(store, record, document.period)
     else:
         rows_all = period_rows(settings, document.period, tenants=[document.tenant])[0].get(

@@ -3,13 +3,17 @@
 Layout under `settings.invoices_path`::
 
     ledger.jsonl                              append-only: finalized / voided, fsync'ed
+    cards/<sha256>.yaml                       every rate card a final was rated with
     draft/<period>/<tenant>/                  rewritten on every run
     final/<period>/<tenant>/<number>/         written once, read-only, hashed
         invoice.json invoice.pdf lines.csv focus.csv focus.parquet
         billed_usage.parquet                  the usage rows it billed, per period
         watermarks.parquet                    Kafka offsets of the requests it billed
-        rate_card.yaml                        the card it was rated with
         manifest.json                         SHA-256 of every file above
+
+The rate card a final was rated with is kept by content hash under `cards/` (the
+document names it in `rate_card_sha256`), outside the tenant's folder: a card lists
+every tenant's terms, and a tenant's folder holds that tenant's data only.
 
 A final directory is built beside its place and renamed into it, so it appears whole
 or not at all; its files are then made read-only. The ledger names each final with the
@@ -121,6 +125,28 @@ class InvoiceStore:
     @property
     def ledger_path(self) -> Path:
         return self.root / "ledger.jsonl"
+
+    def card_path(self, sha256: str) -> Path:
+        return self.root / "cards" / f"{sha256}.yaml"
+
+    def save_card(self, text: str) -> str:
+        """Keep a rate card by its content hash (once, read-only); returns the hash."""
+        sha256 = content_hash(text.encode())
+        path = self.card_path(sha256)
+        if not path.is_file():
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+            path.chmod(0o444)
+        return sha256
+
+    def card_text(self, sha256: str) -> str:
+        path = self.card_path(sha256)
+        if not path.is_file():
+            raise InputError(f"rate card {path} is missing: a final invoice was rated with it")
+        text = path.read_text()
+        if content_hash(text.encode()) != sha256:
+            raise InputError(f"rate card {path} changed: its SHA-256 is no longer its name")
+        return text
 
     def draft_dir(self, period: str, tenant: str) -> Path:
         return self.root / "draft" / period / tenant
@@ -321,4 +347,7 @@ class InvoiceStore:
                     problems.append(
                         f"{record.number}: {name} changed (sha256 differs from the ledger)"
                     )
+        for card in sorted((self.root / "cards").glob("*.yaml")):
+            if content_hash(card.read_bytes()) != card.stem:
+                problems.append(f"rate card {card.name} changed (sha256 differs from its name)")
         return problems

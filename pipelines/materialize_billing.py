@@ -1,0 +1,120 @@
+"""Materialize a billing period's invoices in one in-process Dagster run.
+
+`materialize_invoices(settings, "2026-05")` runs `invoice_drafts` for the month's
+partition with its three checks; `finalize=True` adds `invoices_final` (and its checks)
+to the same run, after the drafts' blocking checks: drafts that fail a check are not
+finalized. `check_invoices` runs only the checks, on what the invoice store holds now
+(a draft run would rewrite the drafts it checks).
+
+Like `pipelines.materialize`: no DAGSTER_HOME needed, nothing printed, a failing check
+is a result (`PipelineRunResult.failed_checks`), and an asset that fails raises its own
+error class again (an `InputError` for a period that has not closed, say).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from pipelines.defs.billing.assets import invoice_drafts, invoices_final, month_partition_key
+from pipelines.defs.billing.checks import DRAFT_CHECKS, FINAL_CHECKS
+from pipelines.materialize import (
+    _QUIET,
+    CheckOutcome,
+    PipelineRunResult,
+    SettingsSource,
+    _gpuledger_resource,
+    _plain,
+    _raise_asset_failures,
+)
+
+__all__ = ["BILLING_ASSETS", "BILLING_CHECKS", "check_invoices", "materialize_invoices"]
+
+BILLING_ASSETS = (invoice_drafts, invoices_final)
+BILLING_CHECKS = (*DRAFT_CHECKS, *FINAL_CHECKS)
+PARTITION_TAG = "dagster/partition"
+
+
+def _run(
+    settings_or_config: SettingsSource,
+    period: str,
+    *,
+    selection: dg.AssetSelection,
+    instance: dg.DagsterInstance | None,
+) -> PipelineRunResult:
+    key = month_partition_key(period)
+    checks_only = not selection.resolve(BILLING_ASSETS)  # no asset: keyed by the tag
+    result = dg.materialize(
+        [*BILLING_ASSETS, *BILLING_CHECKS],
+        run_config=_QUIET,
+        instance=instance,
+        resources={"gpuledger": _gpuledger_resource(settings_or_config)},
+        selection=selection,
+        # A run of checks alone has no asset to take the partition's definition from;
+        # the partition tag is what `partition_key` would have set.
+        partition_key=None if checks_only else key,
+        tags={PARTITION_TAG: key} if checks_only else None,
+        raise_on_error=False,
+    )
+    _raise_asset_failures(result)
+    materializations: dict[str, dict[str, dict[str, Any]]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        materializations.setdefault(materialization.asset_key.to_user_string(), {})[
+            materialization.partition or ""
+        ] = {name: _plain(value) for name, value in materialization.metadata.items()}
+    checks = tuple(
+        CheckOutcome(
+            asset=evaluation.asset_key.to_user_string(),
+            name=evaluation.check_name,
+            passed=evaluation.passed,
+            severity=evaluation.severity.value,
+            description=evaluation.description,
+            metadata={name: _plain(value) for name, value in evaluation.metadata.items()},
+        )
+        for evaluation in result.get_asset_check_evaluations()
+    )
+    return PipelineRunResult(
+        run_id=result.run_id,
+        success=result.success,
+        partition_keys=(key,),
+        materializations=materializations,
+        checks=checks,
+    )
+
+
+def materialize_invoices(
+    settings_or_config: SettingsSource,
+    period: str,
+    *,
+    finalize: bool = False,
+    instance: dg.DagsterInstance | None = None,
+) -> PipelineRunResult:
+    """Draft `period` (`YYYY-MM`) with the invoice checks; with `finalize`, finalize it
+    in the same run (an `InputError` before the period closes)."""
+    assets = BILLING_ASSETS if finalize else (invoice_drafts,)
+    return _run(
+        settings_or_config,
+        period,
+        selection=dg.AssetSelection.assets(*assets),
+        instance=instance,
+    )
+
+
+def check_invoices(
+    settings_or_config: SettingsSource,
+    period: str,
+    *,
+    final: bool = False,
+    instance: dg.DagsterInstance | None = None,
+) -> PipelineRunResult:
+    """Only the invoice checks of `period` (on `invoice_drafts`, or `invoices_final` with
+    `final`), against the store as it is; nothing is drafted or finalized."""
+    asset = invoices_final if final else invoice_drafts
+    return _run(
+        settings_or_config,
+        period,
+        selection=dg.AssetSelection.checks_for_assets(asset),
+        instance=instance,
+    )
