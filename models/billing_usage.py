@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from models.rate_card import TOKEN_CLASSES, ModelPricing, PlanVersion, RateCard, TokenClass
@@ -206,12 +205,6 @@ class LineSource:
         return self.key[0].astimezone(UTC).date()
 
 
-def _in_line_period(line: InvoiceLine, day: date) -> bool:
-    return (line.period_start is None or line.period_start <= day) and (
-        line.period_end is None or day < line.period_end
-    )
-
-
 def _tier_bounds(pricing: ModelPricing, tier: int) -> tuple[int, int | None]:
     low = 0 if tier == 1 else pricing.tiers[tier - 2].up_to_tokens
     assert low is not None
@@ -233,16 +226,25 @@ def line_sources(
     ordered = sorted(rows, key=lambda r: r.key)
     versions = card.versions_for(invoice.tenant)
     zone = ZoneInfo(card.tou_timezone)
-    # Each row's place in the month's running volume per (model, token class).
+    # Once per row (the loops below visit each row once per line): its key, day and,
+    # per token class, its count and place in the month's running volume of its model.
+    keys = [row.key for row in ordered]
+    days = [row.day for row in ordered]
+    counts = {c: [row.tokens(c) for row in ordered] for c in TOKEN_CLASSES}
+    positions: dict[TokenClass, list[int]] = {c: [] for c in TOKEN_CLASSES}
     running: dict[tuple[str, TokenClass], int] = defaultdict(int)
-    positions: dict[tuple[RowKey, TokenClass], int] = {}
-    for row in ordered:
+    for i, row in enumerate(ordered):
         for token_class in TOKEN_CLASSES:
-            positions[row.key, token_class] = running[row.model, token_class]
-            running[row.model, token_class] += row.tokens(token_class)
+            positions[token_class].append(running[row.model, token_class])
+            running[row.model, token_class] += counts[token_class][i]
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(ordered):
+        by_model[row.model].append(i)
     result: list[list[LineSource]] = []
     for line in invoice.lines:
         sources: list[LineSource] = []
+        first = line.period_start or date.min
+        last = line.period_end or date.max
         if line.kind == "tokens" and line.model and line.token_class and line.tier:
             version = version_on(versions, line.period_start or invoice_start(invoice))
             assert version is not None
@@ -250,32 +252,29 @@ def line_sources(
             low, high = (0, None)
             if pricing.tier_mode == "graduated":
                 low, high = _tier_bounds(pricing, line.tier)
-            for row in ordered:
-                if row.model != line.model or not _in_line_period(line, row.day):
+            class_counts = counts[line.token_class]
+            class_positions = positions[line.token_class]
+            for i in by_model.get(line.model, []):
+                if not first <= days[i] < last:
                     continue
-                count = row.tokens(line.token_class)
-                start = positions[row.key, line.token_class]
-                top = start + count if high is None else min(high, start + count)
-                inside = top - max(low, start)
+                start = class_positions[i]
+                end = start + class_counts[i]
+                inside = (end if high is None else min(high, end)) - max(low, start)
                 if inside > 0:
-                    sources.append(LineSource(row.key, Decimal(inside)))
+                    sources.append(LineSource(keys[i], Decimal(inside)))
         elif line.kind == "gpu":
-            for row in ordered:
-                if (
-                    row.gpu_type == line.gpu_type
-                    and row.gpu_hours
-                    and _in_line_period(line, row.day)
-                ):
-                    sources.append(LineSource(row.key, row.gpu_hours))
+            for i, row in enumerate(ordered):
+                if row.gpu_type == line.gpu_type and row.gpu_hours and first <= days[i] < last:
+                    sources.append(LineSource(keys[i], row.gpu_hours))
         elif line.kind == "energy":
             version = version_on(versions, line.period_start or invoice_start(invoice))
-            for row in ordered:
-                if not row.energy_kwh or not _in_line_period(line, row.day):
+            for i, row in enumerate(ordered):
+                if not row.energy_kwh or not first <= days[i] < last:
                     continue
                 assert version is not None and version.energy is not None
                 window = version.energy.window_at(row.event_hour.astimezone(zone).hour)
                 if (OFF_PEAK if window is None else window.name) == line.tou_window:
-                    sources.append(LineSource(row.key, row.energy_kwh))
+                    sources.append(LineSource(keys[i], row.energy_kwh))
         result.append(sources)
     return result
 
@@ -284,23 +283,42 @@ def invoice_start(invoice: Invoice) -> date:
     return date(invoice.year, invoice.month, 1)
 
 
+def _units(quantity: Decimal) -> int:
+    units = int((quantity / _QUANTUM).to_integral_value())
+    if units * _QUANTUM != quantity:
+        raise ValueError(f"{quantity} has more than {QUANTITY_PLACES} decimals")
+    return units
+
+
+def _split_units(units: int, weights: Sequence[int], weight_sum: int) -> list[int]:
+    """Largest remainder in integers: shares and remainders exact, ties to the earlier."""
+    sign, magnitude = (-1 if units < 0 else 1), abs(units)
+    parts = [magnitude * w // weight_sum for w in weights]
+    left = magnitude - sum(parts)
+    if left:
+        remainders = [magnitude * w % weight_sum for w in weights]
+        for i in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:left]:
+            parts[i] += 1
+    return [sign * part for part in parts]
+
+
+def _scale(weights: Sequence[Decimal]) -> list[int]:
+    """Non-negative decimal weights as integers, all scaled by one power of ten."""
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must be non-negative")
+    places = max((-int(w.as_tuple().exponent) for w in weights), default=0)
+    return [int(w.scaleb(max(places, 0))) for w in weights]
+
+
 def split_quantity(total: Decimal, weights: Sequence[Decimal]) -> list[Decimal]:
     """Split `total` (at most QUANTITY_PLACES decimals) in proportion to non-negative
     `weights` with a positive sum, by largest remainder: parts at QUANTITY_PLACES that
     add up to `total` exactly (ties to the earlier part)."""
-    units = int((total / _QUANTUM).to_integral_value())
-    if units * _QUANTUM != total:
-        raise ValueError(f"{total} has more than {QUANTITY_PLACES} decimals")
-    weight_sum = sum((Fraction(w) for w in weights), Fraction(0))
-    if weight_sum <= 0 or any(w < 0 for w in weights):
-        raise ValueError("weights must be non-negative with a positive sum")
-    sign, magnitude = (-1 if units < 0 else 1), abs(units)
-    shares = [magnitude * Fraction(w) / weight_sum for w in weights]
-    parts = [s.numerator // s.denominator for s in shares]
-    order = sorted(range(len(shares)), key=lambda i: (-(shares[i] - parts[i]), i))
-    for i in order[: magnitude - sum(parts)]:
-        parts[i] += 1
-    return [sign * part * _QUANTUM for part in parts]
+    scaled = _scale(weights)
+    weight_sum = sum(scaled)
+    if weight_sum <= 0:
+        raise ValueError("weights must have a positive sum")
+    return [part * _QUANTUM for part in _split_units(_units(total), scaled, weight_sum)]
 
 
 @dataclass(frozen=True)
@@ -328,26 +346,38 @@ def token_line_resources(
     no work, all tokens cached, keeps its energy off the token lines).
     """
     by_key = {row.key: row for row in rows}
-    feeds: dict[RowKey, list[tuple[int, Decimal]]] = defaultdict(list)
+    # Work weights as integers (one power of ten for all), so each row splits exactly.
+    classes: tuple[TokenClass, ...] = ("prompt", "completion", "cached")
+    models = sorted({line.model for line in lines if line.model is not None})
+    prefill = [prefill_weights.get(m, default_prefill_weight) for m in models]
+    scaled = _scale([*prefill, Decimal(1), Decimal(0)])
+    per_model = dict(zip(models, scaled, strict=False))
+    one = scaled[len(prefill)]
+    feeds: dict[RowKey, list[tuple[int, int]]] = defaultdict(list)
     for i, (line, parts) in enumerate(zip(lines, sources, strict=True)):
-        if line.kind != "tokens" or line.model is None or line.token_class is None:
+        if line.kind != "tokens" or line.model is None or line.token_class not in classes:
             continue
-        weight = {
-            "prompt": prefill_weights.get(line.model, default_prefill_weight),
-            "completion": Decimal(1),
-            "cached": Decimal(0),
-        }[line.token_class]
+        weight = {"prompt": per_model[line.model], "completion": one, "cached": 0}[line.token_class]
+        if weight == 0:
+            continue
         for part in parts:
-            feeds[part.key].append((i, part.quantity * weight))
+            feeds[part.key].append((i, int(part.quantity) * weight))
     out: list[dict[date, DayResources]] = [{} for _ in lines]
-    for key, fed in sorted(feeds.items()):
+    for key, fed in feeds.items():
         row = by_key[key]
         weights = [w for _, w in fed]
-        if sum(weights) <= 0:
+        weight_sum = sum(weights)
+        if weight_sum <= 0:
             continue
-        energy = split_quantity(row.energy_kwh, weights)
-        gpu = split_quantity(row.gpu_hours, weights)
+        energy = _split_units(_units(row.energy_kwh), weights, weight_sum)
+        gpu = _split_units(_units(row.gpu_hours), weights, weight_sum)
+        day = row.day
         for (i, _), kwh, hours in zip(fed, energy, gpu, strict=True):
-            seen = out[i].get(row.day, DayResources())
-            out[i][row.day] = DayResources(seen.energy_kwh + kwh, seen.gpu_hours + hours)
+            seen = out[i].get(day)
+            if seen is None:
+                out[i][day] = DayResources(kwh * _QUANTUM, hours * _QUANTUM)
+            else:
+                out[i][day] = DayResources(
+                    seen.energy_kwh + kwh * _QUANTUM, seen.gpu_hours + hours * _QUANTUM
+                )
     return out

@@ -259,3 +259,27 @@ def test_the_document_serialises_to_the_same_bytes_every_time() -> None:
     assert b'"total": "' in first  # decimals as text, never floats
     summary = build_document(invoice, rows, **kwargs).usage[0]  # type: ignore[arg-type]
     assert summary.j_per_output_token == Decimal("4500.0000")  # 1 kWh / 800 tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=-(10**9), max_value=10**9),
+    st.lists(
+        st.decimals(min_value=0, max_value=10**6, places=4, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=12,
+    ).filter(lambda ws: sum(ws) > 0),
+)
+def test_split_quantity_is_exact_and_fair(units: int, weights: list[Decimal]) -> None:
+    from fractions import Fraction
+
+    from models.billing_usage import split_quantity
+
+    total = Decimal(units).scaleb(-6)
+    parts = split_quantity(total, weights)
+    assert sum(parts, Decimal(0)) == total
+    weight_sum = sum(Fraction(w) for w in weights)
+    for part, weight in zip(parts, weights, strict=True):
+        exact = Fraction(total) * Fraction(weight) / weight_sum
+        # Each part is within one unit (1e-6) of its exact share.
+        assert abs(Fraction(part) - exact) < Fraction(1, 10**6)
