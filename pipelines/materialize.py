@@ -62,6 +62,7 @@ __all__ = [
     "materialize_all",
     "materialize_allocation",
     "materialize_ingest",
+    "run_summary",
 ]
 
 #: The tags of a single run over a partition range (dagster._core.storage.tags).
@@ -204,33 +205,7 @@ def _run(
             raise_on_error=False,
             tags={PARTITION_RANGE_START_TAG: keys[0], PARTITION_RANGE_END_TAG: keys[-1]},
         )
-    _raise_asset_failures(result)
-    materializations: dict[str, dict[str, dict[str, Any]]] = {}
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        asset = materialization.asset_key.to_user_string()
-        partition = materialization.partition or ""
-        materializations.setdefault(asset, {})[partition] = {
-            name: _plain(value) for name, value in materialization.metadata.items()
-        }
-    checks = tuple(
-        CheckOutcome(
-            asset=evaluation.asset_key.to_user_string(),
-            name=evaluation.check_name,
-            passed=evaluation.passed,
-            severity=evaluation.severity.value,
-            description=evaluation.description,
-            metadata={name: _plain(value) for name, value in evaluation.metadata.items()},
-        )
-        for evaluation in result.get_asset_check_evaluations()
-    )
-    return PipelineRunResult(
-        run_id=result.run_id,
-        success=result.success,
-        partition_keys=tuple(keys),
-        materializations=materializations,
-        checks=checks,
-    )
+    return run_summary(result, keys)
 
 
 _INGEST = (*INGEST_ASSETS, *INGEST_CHECKS)
@@ -348,4 +323,38 @@ def materialize_all(
         instance=instance,
         selection=None,
         run_config=run_config,
+    )
+
+
+def run_summary(
+    result: dg.ExecuteInProcessResult, partition_keys: Sequence[str]
+) -> PipelineRunResult:
+    """What a finished in-process run produced: its materializations' and checks'
+    metadata as plain values. An asset that failed raises its own error class again."""
+    _raise_asset_failures(result)
+    materializations: dict[str, dict[str, dict[str, Any]]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        asset = materialization.asset_key.to_user_string()
+        partition = materialization.partition or ""
+        materializations.setdefault(asset, {})[partition] = {
+            name: _plain(value) for name, value in materialization.metadata.items()
+        }
+    checks = tuple(
+        CheckOutcome(
+            asset=evaluation.asset_key.to_user_string(),
+            name=evaluation.check_name,
+            passed=evaluation.passed,
+            severity=evaluation.severity.value,
+            description=evaluation.description,
+            metadata={name: _plain(value) for name, value in evaluation.metadata.items()},
+        )
+        for evaluation in result.get_asset_check_evaluations()
+    )
+    return PipelineRunResult(
+        run_id=result.run_id,
+        success=result.success,
+        partition_keys=tuple(partition_keys),
+        materializations=materializations,
+        checks=checks,
     )

@@ -13,20 +13,16 @@ error class again (an `InputError` for a period that has not closed, say).
 
 from __future__ import annotations
 
-from typing import Any
-
 import dagster as dg
 
 from pipelines.defs.billing.assets import invoice_drafts, invoices_final, month_partition_key
 from pipelines.defs.billing.checks import DRAFT_CHECKS, FINAL_CHECKS
 from pipelines.materialize import (
     _QUIET,
-    CheckOutcome,
     PipelineRunResult,
     SettingsSource,
     _gpuledger_resource,
-    _plain,
-    _raise_asset_failures,
+    run_summary,
 )
 
 __all__ = ["BILLING_ASSETS", "BILLING_CHECKS", "check_invoices", "materialize_invoices"]
@@ -57,31 +53,7 @@ def _run(
         tags={PARTITION_TAG: key} if checks_only else None,
         raise_on_error=False,
     )
-    _raise_asset_failures(result)
-    materializations: dict[str, dict[str, dict[str, Any]]] = {}
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        materializations.setdefault(materialization.asset_key.to_user_string(), {})[
-            materialization.partition or ""
-        ] = {name: _plain(value) for name, value in materialization.metadata.items()}
-    checks = tuple(
-        CheckOutcome(
-            asset=evaluation.asset_key.to_user_string(),
-            name=evaluation.check_name,
-            passed=evaluation.passed,
-            severity=evaluation.severity.value,
-            description=evaluation.description,
-            metadata={name: _plain(value) for name, value in evaluation.metadata.items()},
-        )
-        for evaluation in result.get_asset_check_evaluations()
-    )
-    return PipelineRunResult(
-        run_id=result.run_id,
-        success=result.success,
-        partition_keys=(key,),
-        materializations=materializations,
-        checks=checks,
-    )
+    return run_summary(result, (key,))
 
 
 def materialize_invoices(
