@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from datetime import date
 from decimal import Decimal
 from typing import Literal
@@ -141,27 +142,7 @@ class InvoiceDocument(_Frozen):
 
 
 def _document_line(line_no: int, line: InvoiceLine) -> DocumentLine:
-    return DocumentLine(
-        line_no=line_no,
-        line_id=line.line_id,
-        kind=line.kind,
-        description=line.description,
-        quantity=line.quantity,
-        unit=line.unit,
-        unit_price=line.unit_price,
-        price_per=line.price_per,
-        amount=line.amount,
-        period_start=line.period_start,
-        period_end=line.period_end,
-        model=line.model,
-        token_class=line.token_class,
-        tier=line.tier,
-        gpu_type=line.gpu_type,
-        tou_window=line.tou_window,
-        adjusts_invoice=line.adjusts_invoice,
-        adjusts_period=line.adjusts_period,
-        adjusts_line=line.adjusts_line,
-    )
+    return DocumentLine(line_no=line_no, line_id=line.line_id, **asdict(line))
 
 
 _J_PLACES = Decimal("0.0001")
@@ -290,7 +271,8 @@ def adjustment_lines(
         if not amount and not quantity:
             continue
         lines.append(
-            InvoiceLine(
+            replace(
+                template,
                 kind="adjustment",
                 description=(
                     f"{template.description} ({period}, {invoice_number or 'not invoiced'}): "
@@ -298,16 +280,6 @@ def adjustment_lines(
                 ),
                 amount=amount,
                 quantity=quantity,
-                unit=template.unit,
-                unit_price=template.unit_price,
-                price_per=template.price_per,
-                period_start=template.period_start,
-                period_end=template.period_end,
-                model=template.model,
-                token_class=template.token_class,
-                tier=template.tier,
-                gpu_type=template.gpu_type,
-                tou_window=template.tou_window,
                 adjusts_invoice=invoice_number,
                 adjusts_period=period,
                 adjusts_line=line_id,

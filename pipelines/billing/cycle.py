@@ -23,10 +23,10 @@ finalized, which records the rows it billed for that period.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import polars as pl
@@ -53,7 +53,7 @@ from models.invoice import (
     period_bounds,
 )
 from models.rate_card import RateCard, load_rate_card
-from models.rating import InvoiceLine, rate_month
+from models.rating import Invoice, InvoiceLine, rate_month
 from pipelines.allocation import load_allocation_config
 from pipelines.billing.artifacts import render_artifacts
 from pipelines.billing.store import FinalRecord, InvoiceStore, rows_frame
@@ -94,6 +94,8 @@ class TenantInvoice:
     """A tenant's document of the run, with what it was made from."""
 
     document: InvoiceDocument
+    #: The rating the document was built from (its lines in the document's order).
+    invoice: Invoice
     rows: list[UsageRow]
     #: Periods it adjusts: period -> (rows of the difference, the invoice corrected).
     adjusted: dict[str, tuple[list[UsageRow], str | None]] = field(default_factory=dict)
@@ -146,7 +148,7 @@ def _period_card(
     record = _original(finals, tenant, period) or next(
         r for r in finals if r.active and r.period == period
     )
-    sha256 = store.read_document(record.path).rate_card_sha256
+    sha256 = store.final_document(record).rate_card_sha256
     return load_rate_card(store.card_text(sha256), source=str(store.card_path(sha256)))
 
 
@@ -216,7 +218,7 @@ def _opening_credit(
     applied = Decimal(0)
     for record in finals:
         if record.tenant == tenant and record.active and record.period < period:
-            applied += store.read_document(record.path).credits_applied
+            applied += store.final_document(record).credits_applied
     applied += sum((d.credits_applied for d in drafts_before), Decimal(0))
     return max(granted - applied, Decimal(0))
 
@@ -248,11 +250,13 @@ def _rate_period(
         if earlier not in cache:
             cache[earlier] = period_rows(settings, earlier)[0]
         tenants |= set(cache[earlier])
+    # A tenant whose usage of a closed period shrank to nothing is owed an adjustment.
+    tenants |= {r.tenant for r in finals if r.active and r.period < period}
     for tenant in sorted(tenants):
-        lines, adjusted = _adjustments(settings, store, finals, tenant, period, cache)
         if _original(finals, tenant, period) is not None:
             run.final.append(tenant)
             continue
+        lines, adjusted = _adjustments(settings, store, finals, tenant, period, cache)
         rows = rows_by_tenant.get(tenant, [])
         if not rows and not lines and tenant not in committed:
             continue
@@ -271,15 +275,14 @@ def _rate_period(
             idle_policy=idle_policy,
             rate_card_sha256=loaded.sha256,
         )
-        run.invoices.append(TenantInvoice(document, rows, adjusted))
-    # Late usage of closed periods (this one included) not yet billed.
-    for earlier in sorted({*closed, *([period] if run.final else [])}):
-        if earlier not in cache:
-            cache[earlier] = period_rows(settings, earlier)[0]
-        owners = set(cache[earlier]) | {
-            r.tenant for r in finals if r.active and r.period == earlier
-        }
-        for tenant in sorted(owners):
+        run.invoices.append(TenantInvoice(document, invoice, rows, adjusted))
+        run.pending.extend(
+            (tenant, p, number or "not invoiced") for p, (_, number) in adjusted.items()
+        )
+    # Where the tenant's invoice of this period is final already, its late usage (of this
+    # period or an earlier one) waits for the tenant's next draft.
+    for tenant in run.final:
+        for earlier in [*closed, period]:
             if _late_rows(settings, store, finals, tenant, earlier, cache) is not None:
                 original = _original(finals, tenant, earlier)
                 run.pending.append(
@@ -294,49 +297,36 @@ class _Lineage:
     resources: list[dict[date, DayResources]]
 
 
-def _lineage(settings: Settings, loaded: LoadedCard, item: TenantInvoice) -> _Lineage:
+def _lineage(
+    loaded: LoadedCard, item: TenantInvoice, weights: tuple[dict[str, Decimal], Decimal]
+) -> _Lineage:
     """Per document line: its usage rows, and (token lines) the energy and GPU time
-    behind it per day."""
-    start, _ = period_bounds(item.document.period)
-    usage = monthly_usage(loaded.card, item.document.tenant, start.year, start.month, item.rows)
-    invoice = rate_month(loaded.card, usage)
-    usage_sources = line_sources(loaded.card, invoice, item.rows)
-    by_id = {line.line_id: src for line, src in zip(invoice.lines, usage_sources, strict=True)}
-    sources = [
-        by_id.get(line.line_id, []) if line.kind != "adjustment" else []
-        for line in item.document.lines
-    ]
+    behind it per day. Adjustment and derived lines have no rows of this period."""
+    sources = line_sources(loaded.card, item.invoice, item.rows)
+    resources = token_line_resources(item.invoice.lines, sources, item.rows, *weights)
+    return _Lineage(sources, resources)
+
+
+def _prefill_weights(settings: Settings) -> tuple[dict[str, Decimal], Decimal]:
+    """The allocation's configured prefill weights (for the FOCUS token rows' energy)."""
     config = load_allocation_config(settings)
     weights = {m: Decimal(repr(w.w_prefill)) for m, w in config.model_weights.items()}
-    resources = token_line_resources(
-        invoice.lines,
-        usage_sources,
-        item.rows,
-        weights,
-        Decimal(repr(config.default_weights.w_prefill)),
-    )
-    by_id_resources = dict(zip((line.line_id for line in invoice.lines), resources, strict=True))
-    return _Lineage(
-        sources,
-        [
-            by_id_resources.get(line.line_id, {}) if line.kind == "tokens" else {}
-            for line in item.document.lines
-        ],
-    )
+    return weights, Decimal(repr(config.default_weights.w_prefill))
 
 
 def draft_period(settings: Settings, period: str) -> BillingRun:
     """Rate the period and rewrite its drafts (see the module doc)."""
     store = InvoiceStore(settings.invoices_path)
     loaded = load_card(settings)
+    weights = _prefill_weights(settings)
     with store.locked():
         run = _rate_period(settings, store, loaded, period)
         keep = set()
         for i, item in enumerate(run.invoices):
-            lineage = _lineage(settings, loaded, item)
+            lineage = _lineage(loaded, item, weights)
             files = render_artifacts(item.document, lineage.sources, lineage.resources)
             path = store.write_draft(period, item.document.tenant, files)
-            run.invoices[i] = TenantInvoice(item.document, item.rows, item.adjusted, str(path))
+            run.invoices[i] = replace(item, path=str(path))
             keep.add(item.document.tenant)
         for tenant in store.draft_tenants(period):
             if tenant not in keep:
@@ -363,35 +353,35 @@ def finalize_period(
             f"({', '.join(open_before)}); finalize them first"
         )
     loaded = load_card(settings)
+    weights = _prefill_weights(settings)
     with store.locked():
         run = _rate_period(settings, store, loaded, period)
         issued_on = moment.astimezone(UTC).date()
+        if run.invoices:
+            store.save_card(loaded.text)
         for i, item in enumerate(run.invoices):
             tenant = item.document.tenant
             number = store.next_number(settings.billing.invoice_prefix)
             document = finalized(item.document, number, issued_on)
-            lineage = _lineage(settings, loaded, item)
+            lineage = _lineage(loaded, item, weights)
             files = dict(render_artifacts(document, lineage.sources, lineage.resources))
             billed = {period: item.rows, **{p: rows for p, (rows, _) in item.adjusted.items()}}
             files["billed_usage.parquet"] = _parquet(rows_frame(billed))
             marks = [watermarks(settings, p, tenant).with_columns(period=pl.lit(p)) for p in billed]
             files["watermarks.parquet"] = _parquet(pl.concat(marks, how="vertical"))
-            store.save_card(loaded.text)
             record = store.write_final(
                 document,
                 files,
                 extra={"adjusts": {p: n or "not invoiced" for p, (_, n) in item.adjusted.items()}},
             )
             store.remove_draft(period, tenant)
-            run.invoices[i] = TenantInvoice(document, item.rows, item.adjusted, str(record.path))
+            run.invoices[i] = replace(item, document=document, path=str(record.path))
         for tenant in store.draft_tenants(period):
             store.remove_draft(period, tenant)  # nothing left to bill there
     return run
 
 
 def _parquet(frame: pl.DataFrame) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     frame.write_parquet(buffer, compression="zstd", statistics=False)
     return buffer.getvalue()
@@ -443,22 +433,3 @@ def void_invoice(
             }
         )
         return written
-
-
-def periods_with_usage(settings: Settings, start: datetime, end: datetime) -> list[str]:
-    """Billing periods overlapping [start, end)."""
-    periods = []
-    cursor = datetime.combine(start.astimezone(UTC).date().replace(day=1), time(), UTC)
-    while cursor < end:
-        periods.append(f"{cursor:%Y-%m}")
-        cursor = datetime.combine(period_bounds(f"{cursor:%Y-%m}")[1], time(), UTC)
-    return periods
-
-
-def tenant_totals(run: BillingRun) -> list[tuple[str, str, Decimal, str]]:
-    """(tenant, currency, total, number or 'draft') of a run's documents."""
-    totals: dict[str, tuple[str, Decimal, str]] = defaultdict(lambda: ("", Decimal(0), ""))
-    for item in run.invoices:
-        doc = item.document
-        totals[doc.tenant] = (doc.currency, doc.total, doc.number or "draft")
-    return [(t, c, total, n) for t, (c, total, n) in sorted(totals.items())]

@@ -121,6 +121,9 @@ class FinalRecord:
 class InvoiceStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # A final's files never change: what one store reads of them, it reads once.
+        self._billed: dict[Path, dict[str, list[UsageRow]]] = {}
+        self._finals: dict[Path, InvoiceDocument] = {}
 
     @property
     def ledger_path(self) -> Path:
@@ -190,12 +193,10 @@ class InvoiceStore:
         fsync_dir(self.root)
 
     def finals(self) -> list[FinalRecord]:
-        voided: dict[str, str] = {}
+        entries = self.entries()
+        voided = {e["number"]: e["credit_note"] for e in entries if e["event"] == "voided"}
         records = []
-        for entry in self.entries():
-            if entry["event"] == "voided":
-                voided[entry["number"]] = entry["credit_note"]
-        for entry in self.entries():
+        for entry in entries:
             if entry["event"] != "finalized":
                 continue
             records.append(
@@ -327,9 +328,18 @@ class InvoiceStore:
         except FileNotFoundError:
             raise InputError(f"invoice document {path} is missing") from None
 
+    def final_document(self, record: FinalRecord) -> InvoiceDocument:
+        if record.path not in self._finals:
+            self._finals[record.path] = self.read_document(record.path)
+        return self._finals[record.path]
+
     def billed_rows(self, record: FinalRecord) -> dict[str, list[UsageRow]]:
-        path = record.path / "billed_usage.parquet"
-        return rows_from_frame(pl.read_parquet(path)) if path.is_file() else {}
+        if record.path not in self._billed:
+            path = record.path / "billed_usage.parquet"
+            self._billed[record.path] = (
+                rows_from_frame(pl.read_parquet(path)) if path.is_file() else {}
+            )
+        return self._billed[record.path]
 
     def watermarks(self, record: FinalRecord) -> pl.DataFrame | None:
         path = record.path / "watermarks.parquet"

@@ -181,18 +181,21 @@ def requests_for(
             """,
             params={"tenant": tenant, "topic": settings.kafka.topic},
         ).pl()
-    if frame.is_empty():
-        return frame
-
-    def keep(record: dict[str, object]) -> bool:
-        hour = record["event_hour"]
-        assert isinstance(hour, datetime)
-        key = (hour.astimezone(UTC), record["model"], record["gpu_type"], record["partition"])
-        offset = record["offset"]
-        assert isinstance(offset, int)
-        if up_to is not None and offset > up_to.get(key, -1):  # type: ignore[arg-type]
-            return False
-        return not (above is not None and offset <= above.get(key, -1))  # type: ignore[arg-type]
-
-    mask = [keep(record) for record in frame.iter_rows(named=True)]
-    return frame.filter(pl.Series(mask, dtype=pl.Boolean))
+    join_on = ["event_hour", "model", "gpu_type", "partition"]
+    frame = frame.cast({c: WATERMARK_SCHEMA[c] for c in join_on})  # type: ignore[dict-item]
+    for name, marks, keep in (("up_to", up_to, "le"), ("above", above, "gt")):
+        if marks is None:
+            continue
+        # A row and partition with no watermark: nothing was billed there (-1).
+        mark_frame = pl.DataFrame(
+            [(*key, offset) for key, offset in marks.items()],
+            schema={**{c: WATERMARK_SCHEMA[c] for c in join_on}, name: pl.Int64},
+            orient="row",
+        )
+        frame = frame.join(mark_frame, on=join_on, how="left").with_columns(
+            pl.col(name).fill_null(-1)
+        )
+        offset = pl.col("offset")
+        frame = frame.filter(offset <= pl.col(name) if keep == "le" else offset > pl.col(name))
+        frame = frame.drop(name)
+    return frame

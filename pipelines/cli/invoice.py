@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -16,6 +17,9 @@ from models.errors import InputError
 from pipelines.cli.app import app, state
 from pipelines.cli.progress import StepProgress
 from pipelines.cli.simulate import console
+
+if TYPE_CHECKING:
+    from pipelines.billing.cycle import TenantInvoice
 
 invoice_app = typer.Typer(
     help="Invoices: drafts, period close, credit notes, lineage.", no_args_is_help=True
@@ -46,12 +50,11 @@ def print_run(run_invoices: list[tuple[str, str, str, str, str]], title: str) ->
     console.print(table)
 
 
-def _rows(settings: Settings, invoices: list[object]) -> list[tuple[str, str, str, str, str]]:
-    from pipelines.billing.cycle import TenantInvoice
-
+def _rows(
+    settings: Settings, invoices: Sequence[TenantInvoice]
+) -> list[tuple[str, str, str, str, str]]:
     out = []
     for item in invoices:
-        assert isinstance(item, TenantInvoice)
         doc = item.document
         path = Path(item.path)
         with_root = (
@@ -83,7 +86,7 @@ def draft_command(
     month = parse_period(period)
     with StepProgress(console) as progress:
         run = progress.run(f"rating {month}", lambda: draft_period(settings, month))
-    print_run(_rows(settings, list(run.invoices)), f"Drafts for {month}")
+    print_run(_rows(settings, run.invoices), f"Drafts for {month}")
     for tenant in run.final:
         console.print(f"  {tenant}: final already (late usage goes on its next invoice)")
     for tenant, late_period, number in run.pending:
@@ -109,7 +112,7 @@ def finalize_command(
         run = progress.run(
             f"finalizing {month}", lambda: finalize_period(settings, month, force=force)
         )
-    print_run(_rows(settings, list(run.invoices)), f"Finalized {month}")
+    print_run(_rows(settings, run.invoices), f"Finalized {month}")
     for tenant in run.final:
         console.print(f"  {tenant}: final already")
 
