@@ -12,6 +12,8 @@ Views (schema `raw`):
 - `usage_quarantine`  invalid events and conflicting duplicates, per hour
 - `usage_hours`       the manifests of built hours (counts, positions, late events)
 - `gpu_telemetry`     DCGM samples per GPU as scraped, per hour
+- `invoice_revenue`   what each period's invoices billed per tenant and model
+- `grid_intensity`    the configured grid carbon intensity per UTC hour
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from ingest.lake import Lake, ensure_empty_file
+from ingest.grid_intensity import GRID_INTENSITY_SCHEMA, sync_grid_intensity
+from ingest.lake import REVENUE_SCHEMA, Lake, ensure_empty_file
 from ingest.settings import Settings
 from ingest.telemetry import TELEMETRY_SCHEMA
 from ingest.usage_hours import EVENTS_SCHEMA, QUARANTINE_SCHEMA
 from ingest.usage_validation import LANDING_SCHEMA
 
-RAW_VIEWS = ("usage_landing", "usage_events", "usage_quarantine", "usage_hours", "gpu_telemetry")
+RAW_VIEWS = (
+    "usage_landing",
+    "usage_events",
+    "usage_quarantine",
+    "usage_hours",
+    "gpu_telemetry",
+    "invoice_revenue",
+    "grid_intensity",
+)
 
 
 def _datasets(lake: Lake) -> dict[str, tuple[Path, str, pa.Schema]]:
@@ -38,6 +49,8 @@ def _datasets(lake: Lake) -> dict[str, tuple[Path, str, pa.Schema]]:
         "usage_events": (lake.usage_events, "events.parquet", EVENTS_SCHEMA),
         "usage_quarantine": (lake.usage_events, "quarantine.parquet", QUARANTINE_SCHEMA),
         "gpu_telemetry": (lake.telemetry_samples, "samples.parquet", TELEMETRY_SCHEMA),
+        "invoice_revenue": (lake.billing_revenue, "revenue.parquet", REVENUE_SCHEMA),
+        "grid_intensity": (lake.grid_intensity, "grid_intensity.parquet", GRID_INTENSITY_SCHEMA),
     }
 
 
@@ -49,6 +62,7 @@ def ensure_lake(settings: Settings) -> Lake:
         # empty) before the first real file lands.
         placeholder = "empty.parquet" if name == "*.parquet" else name
         ensure_empty_file(root / "_empty" / placeholder, schema)
+    sync_grid_intensity(settings, lake)
     return lake
 
 
@@ -69,7 +83,9 @@ def view_sql(settings: Settings) -> list[str]:
         f"'{manifests}'], union_by_name = true, ignore_errors = true) "
         if any(lake.usage_events.glob("topic=*/hour=*/_manifest.json"))
         else "CREATE OR REPLACE VIEW raw.usage_hours AS SELECT NULL::VARCHAR AS hour, "
-        "NULL::VARCHAR AS topic, NULL::BIGINT AS events WHERE false"
+        "NULL::VARCHAR AS topic, NULL::BIGINT AS events, NULL::BIGINT AS duplicates, "
+        "NULL::BIGINT AS conflicts, NULL::BIGINT AS quarantined, "
+        "NULL::BIGINT AS late_incorporated WHERE false"
     )
     return statements
 

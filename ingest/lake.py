@@ -20,6 +20,10 @@ Layout (`settings.lake_path`):
         one row per event id whose time falls in the hour (first copy wins)
     telemetry/samples/hour=<YYYY-MM-DDTHH>/samples.parquet (+ _manifest.json)
         DCGM samples per GPU as scraped, with resets, gaps and placeholders marked
+    billing/revenue/period=<YYYY-MM>/revenue.parquet
+        what each period's invoices billed per tenant and model (pipelines/billing)
+    reference/grid_intensity/table/grid_intensity.parquet
+        the configured grid carbon intensity per UTC hour (ingest/grid_intensity.py)
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_SUFFIX = ".tmp"
+#: `billing/revenue`: written by pipelines/billing/index.py, read by dbt.
+_REVENUE_MONEY = pa.decimal128(18, 6)
+REVENUE_SCHEMA = pa.schema(
+    [
+        ("period", pa.string()),
+        ("tenant", pa.string()),
+        ("model", pa.string()),
+        ("currency", pa.string()),
+        ("billed", _REVENUE_MONEY),
+        ("invoice_status", pa.string()),
+        ("invoice_number", pa.string()),
+        ("written_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
 HOUR_FORMAT = "%Y-%m-%dT%H"
 
 
@@ -78,6 +97,14 @@ class Lake:
 
     def telemetry_hour_dir(self, hour_start: datetime) -> Path:
         return self.telemetry_samples / f"hour={hour_key(hour_start)}"
+
+    @property
+    def billing_revenue(self) -> Path:
+        return self.root / "billing" / "revenue"
+
+    @property
+    def grid_intensity(self) -> Path:
+        return self.root / "reference" / "grid_intensity"
 
 
 def fsync_dir(directory: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +153,51 @@ class BillingSettings(BaseModel):
     credit_note_prefix: str = Field(default="CN", pattern=r"^[A-Z][A-Z0-9]{0,9}$")
 
 
+class EfficiencySettings(BaseModel):
+    """The efficiency marts' economics and carbon, and where analysts read them.
+
+    Defaults are illustrative, with their sources; set your own tariff, hardware cost,
+    PUE and grid intensity.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", description="of the costs below")
+    #: EIA Electric Power Monthly, table 5.6.A: US average industrial price 2024,
+    #: about 8.1 cents per kWh.
+    energy_tariff_per_kwh: Decimal = Field(default=Decimal("0.081"), ge=0)
+    #: GPU amortization (purchase over the depreciation period, plus hosting) per GPU-hour,
+    #: by GPU type; other types use `default_gpu_hour_cost`. Illustrative: an H100 SXM at
+    #: about 30,000 USD over 4 years is 0.86 per hour before hosting.
+    gpu_hour_cost: dict[str, Decimal] = Field(
+        default_factory=lambda: {
+            "NVIDIA H100 80GB HBM3": Decimal("1.20"),
+            "NVIDIA A100-SXM4-80GB": Decimal("0.70"),
+        }
+    )
+    default_gpu_hour_cost: Decimal = Field(default=Decimal("1.00"), ge=0)
+    #: Power usage effectiveness: facility energy over IT energy. Uptime Institute
+    #: Global Data Center Survey 2024: industry average 1.56.
+    pue: float = Field(default=1.56, ge=1.0, le=5.0)
+    #: Grid carbon intensity, g CO2e per kWh, by hour of day (UTC), 24 values; a file
+    #: of timestamped hours (`grid_intensity_file`) takes precedence where it has the
+    #: hour. Default: flat 367 g/kWh, about the US average of 2023, 0.81 lb/kWh (EIA,
+    #: "How much carbon dioxide is produced per kilowatthour of U.S. electricity
+    #: generation?").
+    grid_intensity_by_hour: list[float] = Field(
+        default_factory=lambda: [367.0] * 24, min_length=24, max_length=24
+    )
+    grid_intensity_file: Path | None = Field(
+        default=None, description="CSV hour_start,g_co2e_per_kwh (UTC hours)"
+    )
+    published_dir: Path | None = Field(
+        default=None, description="analysts' snapshots; unset = <state_dir>/published"
+    )
+    keep_snapshots: int = Field(
+        default=3, ge=1, le=100, description="published snapshots kept besides the current"
+    )
+
+
 class Settings(BaseSettings):
     """All of gpuledger's settings."""
 
@@ -181,6 +227,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    efficiency: EfficiencySettings = Field(default_factory=EfficiencySettings)
 
     @property
     def rate_card_path(self) -> Path:
@@ -189,6 +236,15 @@ class Settings(BaseSettings):
     @property
     def invoices_path(self) -> Path:
         return self.billing.invoices_dir or self.state_dir / "invoices"
+
+    @property
+    def published_path(self) -> Path:
+        return self.efficiency.published_dir or self.state_dir / "published"
+
+    @property
+    def analytics_path(self) -> Path:
+        """The analysts' DuckDB catalog: the current published snapshot."""
+        return self.published_path / "analytics.duckdb"
 
     @property
     def warehouse_path(self) -> Path:

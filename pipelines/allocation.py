@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,12 +26,16 @@ import yaml
 from pydantic import ValidationError
 
 from ingest.catalog import connect, ensure_catalog
-from ingest.settings import Settings
+from ingest.settings import EfficiencySettings, Settings
 from models.allocation_config import AllocationConfig
 from models.errors import InputError, ServiceError
 
 #: The dbt project shipped with gpuledger.
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt"
+#: dbt models built per billing period (after the invoices), not per hour.
+MONTHLY_TAG = "monthly"
+HOURLY_SELECTION = ("--exclude", f"tag:{MONTHLY_TAG}")
+MONTHLY_SELECTION = ("--select", f"tag:{MONTHLY_TAG}")
 #: Relative tolerance of the closing invariants (ALLOCATION.md §6).
 INVARIANT_RELATIVE = 1e-9
 #: Absolute slack for sums near zero (J or s).
@@ -83,11 +87,34 @@ def window_hours(start: datetime, end: datetime) -> tuple[datetime, datetime]:
 def dbt_vars(settings: Settings, start: datetime, end: datetime) -> dict[str, Any]:
     config = load_allocation_config(settings)
     first, last = window_hours(start, end)
-    return config.dbt_vars(_iso(first), _iso(last), settings.kafka.topic)
+    return {
+        **config.dbt_vars(_iso(first), _iso(last), settings.kafka.topic),
+        **efficiency_dbt_vars(settings.efficiency),
+    }
 
 
-def dbt_build_args(variables: Mapping[str, Any]) -> list[str]:
-    """The `dbt build` of one window, as every caller runs it (CLI, Dagster, bench).
+def efficiency_dbt_vars(efficiency: EfficiencySettings) -> dict[str, Any]:
+    """The efficiency marts' economics and carbon as dbt vars (money as strings, which
+    dbt casts to DECIMAL: never through a float)."""
+    return {
+        "cost_currency": efficiency.currency,
+        "energy_tariff_per_kwh": str(efficiency.energy_tariff_per_kwh),
+        "gpu_hour_cost": [
+            {"gpu_type": gpu_type, "cost": str(cost)}
+            for gpu_type, cost in sorted(efficiency.gpu_hour_cost.items())
+        ],
+        "default_gpu_hour_cost": str(efficiency.default_gpu_hour_cost),
+        "pue": efficiency.pue,
+        "grid_intensity_by_hour": list(efficiency.grid_intensity_by_hour),
+    }
+
+
+def dbt_build_args(
+    variables: Mapping[str, Any], *, selection: Sequence[str] = HOURLY_SELECTION
+) -> list[str]:
+    """The `dbt build` of one window, as every caller runs it (CLI, Dagster, bench):
+    the hourly models by default, or (MONTHLY_SELECTION) the models tagged `monthly`,
+    which read the period's invoices. (Dagster selects a multi-asset's models itself.)
 
     dbt's unit tests check the models' logic on fixed inputs, not the window's data:
     they run in the test suite (tests/integration/test_dbt_unit_tests.py), not here.
@@ -98,6 +125,7 @@ def dbt_build_args(variables: Mapping[str, Any]) -> list[str]:
         json.dumps(variables, sort_keys=True),
         "--exclude-resource-type",
         "unit_test",
+        *selection,
     ]
 
 
@@ -190,6 +218,13 @@ def allocate(
     if select:
         args += ["--select", select]
     return run_dbt(settings, args)
+
+
+def build_period_marts(settings: Settings, start: datetime, end: datetime) -> DbtRun:
+    """`dbt build` of the monthly models (mart_tenant_efficiency) for the billing
+    periods of [start, end), month-aligned; run after the period's invoices."""
+    variables = dbt_vars(settings, start, end)
+    return run_dbt(settings, dbt_build_args(variables, selection=MONTHLY_SELECTION))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from models.errors import GpuledgerError, InputError, ServiceError
 from pipelines.defs.allocation.assets import allocation_models
 from pipelines.defs.allocation.checks import allocation_invariants
 from pipelines.defs.allocation.resources import dbt_resource
+from pipelines.defs.efficiency.assets import analytics_snapshot
 from pipelines.defs.partitions import partition_keys_between
 from pipelines.defs.resources import GpuledgerSettings, KafkaResource, PrometheusResource
 from pipelines.defs.telemetry.assets import gpu_telemetry_raw
@@ -71,8 +72,9 @@ PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 INGEST_ASSETS = (usage_events_raw, gpu_telemetry_raw)
 INGEST_CHECKS = (usage_duplicate_rate, usage_quarantine_rate, telemetry_coverage_per_gpu)
-#: The dbt models; their dbt tests are checks of the same definition.
-ALLOCATION_ASSETS = (allocation_models,)
+#: The dbt models (their dbt tests are checks of the same definition), then the
+#: analysts' snapshot of what they changed.
+ALLOCATION_ASSETS = (allocation_models, analytics_snapshot)
 ALLOCATION_CHECKS = (allocation_invariants,)
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}

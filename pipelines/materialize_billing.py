@@ -3,8 +3,9 @@
 `materialize_invoices(settings, "2026-05")` runs `invoice_drafts` for the month's
 partition with its three checks; `finalize=True` adds `invoices_final` (and its checks)
 to the same run, after the drafts' blocking checks: drafts that fail a check are not
-finalized. `check_invoices` runs only the checks, on what the invoice store holds now
-(a draft run would rewrite the drafts it checks).
+finalized. Both then rebuild the period's tenant efficiency mart (dbt) and publish a
+new analysts' snapshot, as the invoice jobs do. `check_invoices` runs only the checks,
+on what the invoice store holds now (a draft run would rewrite the drafts it checks).
 
 Like `pipelines.materialize`: no DAGSTER_HOME needed, nothing printed, a failing check
 is a result (`PipelineRunResult.failed_checks`), and an asset that fails raises its own
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import dagster as dg
 
+from pipelines.defs.allocation.resources import dbt_resource
 from pipelines.defs.billing.assets import invoice_drafts, invoices_final, month_partition_key
 from pipelines.defs.billing.checks import DRAFT_CHECKS, FINAL_CHECKS
+from pipelines.defs.efficiency.assets import analytics_period_snapshot, efficiency_period_models
 from pipelines.materialize import (
     _QUIET,
     PipelineRunResult,
@@ -28,6 +31,8 @@ from pipelines.materialize import (
 __all__ = ["BILLING_ASSETS", "BILLING_CHECKS", "check_invoices", "materialize_invoices"]
 
 BILLING_ASSETS = (invoice_drafts, invoices_final)
+#: What the invoice jobs run after the invoices (pipelines/defs/efficiency).
+AFTER_INVOICES = (efficiency_period_models, analytics_period_snapshot)
 BILLING_CHECKS = (*DRAFT_CHECKS, *FINAL_CHECKS)
 PARTITION_TAG = "dagster/partition"
 
@@ -40,12 +45,12 @@ def _run(
     instance: dg.DagsterInstance | None,
 ) -> PipelineRunResult:
     key = month_partition_key(period)
-    checks_only = not selection.resolve(BILLING_ASSETS)  # no asset: keyed by the tag
+    checks_only = not selection.resolve([*BILLING_ASSETS, *AFTER_INVOICES])  # keyed by the tag
     result = dg.materialize(
-        [*BILLING_ASSETS, *BILLING_CHECKS],
+        [*BILLING_ASSETS, *BILLING_CHECKS, *AFTER_INVOICES],
         run_config=_QUIET,
         instance=instance,
-        resources={"gpuledger": _gpuledger_resource(settings_or_config)},
+        resources={"gpuledger": _gpuledger_resource(settings_or_config), "dbt": dbt_resource()},
         selection=selection,
         # A run of checks alone has no asset to take the partition's definition from;
         # the partition tag is what `partition_key` would have set.
@@ -65,7 +70,7 @@ def materialize_invoices(
 ) -> PipelineRunResult:
     """Draft `period` (`YYYY-MM`) with the invoice checks; with `finalize`, finalize it
     in the same run (an `InputError` before the period closes)."""
-    assets = BILLING_ASSETS if finalize else (invoice_drafts,)
+    assets = (*(BILLING_ASSETS if finalize else (invoice_drafts,)), *AFTER_INVOICES)
     return _run(
         settings_or_config,
         period,

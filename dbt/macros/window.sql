@@ -45,3 +45,30 @@
         ) as v ({{ keys | join(", ") }})
     {%- endif -%}
 {%- endmacro %}
+
+{# The whole UTC days the window touches, [first day, day after the last). #}
+{% macro window_days_start() -%}
+    date_trunc('day', {{ window_start() }})
+{%- endmacro %}
+
+{% macro window_days_end() -%}
+    (date_trunc('day', {{ window_end() }} - interval 1 microsecond) + interval 1 day)
+{%- endmacro %}
+
+{# Replace the rows of every day the window touches (daily marts built from hours). #}
+{% macro delete_window_days(column) -%}
+    {% if is_incremental() %}
+        delete from {{ this }}
+        where {{ column }} >= cast({{ window_days_start() }} as date)
+            and {{ column }} < cast({{ window_days_end() }} as date)
+    {% endif %}
+{%- endmacro %}
+
+{# Replace the rows of every billing period (YYYY-MM) of the window (month-aligned). #}
+{% macro delete_window_periods(column) -%}
+    {% if is_incremental() %}
+        delete from {{ this }}
+        where {{ column }} >= strftime({{ window_start() }}, '%Y-%m')
+            and {{ column }} < strftime({{ window_end() }}, '%Y-%m')
+    {% endif %}
+{%- endmacro %}

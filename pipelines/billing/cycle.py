@@ -56,6 +56,7 @@ from models.rate_card import RateCard, load_rate_card
 from models.rating import Invoice, InvoiceLine, rate_month
 from pipelines.allocation import load_allocation_config
 from pipelines.billing.artifacts import render_artifacts
+from pipelines.billing.index import write_period_revenue
 from pipelines.billing.store import FinalRecord, InvoiceStore, rows_frame
 from pipelines.billing.usage import period_rows, period_window, watermarks
 
@@ -331,6 +332,7 @@ def draft_period(settings: Settings, period: str) -> BillingRun:
         for tenant in store.draft_tenants(period):
             if tenant not in keep:
                 store.remove_draft(period, tenant)
+        write_period_revenue(settings, period)
     return run
 
 
@@ -378,6 +380,7 @@ def finalize_period(
             run.invoices[i] = replace(item, document=document, path=str(record.path))
         for tenant in store.draft_tenants(period):
             store.remove_draft(period, tenant)  # nothing left to bill there
+        write_period_revenue(settings, period)
     return run
 
 
@@ -432,4 +435,5 @@ def void_invoice(
                 "at": datetime.now(UTC).isoformat(),
             }
         )
+        write_period_revenue(settings, record.period)
         return written

@@ -51,7 +51,17 @@ def state(ctx: typer.Context) -> CliState:
 
 def _register() -> None:
     # Command modules import `app` from here; importing them registers their commands.
-    from pipelines.cli import allocate, demo, ingest, invoice, schema, simulate, stack  # noqa: F401
+    from pipelines.cli import (  # noqa: F401
+        allocate,
+        analytics,
+        dashboard,
+        demo,
+        ingest,
+        invoice,
+        schema,
+        simulate,
+        stack,
+    )
 
 
 _register()

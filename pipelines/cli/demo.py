@@ -4,7 +4,8 @@ Stack up, simulate a day of a 4-node x 8-GPU fleet with 8 tenants, publish and l
 it, read back what Kafka and Prometheus hold beside the simulator's ground truth,
 ingest the day into the lake and allocate it (Dagster runs), printing per-tenant usage,
 J per output token against ML.ENERGY and the allocation's fidelity, and ends with the
-month's draft invoices (PDF, CSV, JSON, FOCUS) per tenant.
+month's draft invoices (PDF, CSV, JSON, FOCUS) per tenant, then the efficiency marts
+from the analysts' published snapshot and how to open the dashboard on them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ingest.telemetry import telemetry_coverage
 from models.errors import ServiceError
 from pipelines.cli.app import app, state
 from pipelines.cli.demo_allocation import allocate_day
+from pipelines.cli.demo_analytics import analytics_summary
 from pipelines.cli.demo_invoices import invoice_month
 from pipelines.cli.progress import StepProgress
 from pipelines.cli.simulate import console, print_summary, run_simulation
@@ -69,6 +71,8 @@ def demo_command(
     allocate_day(settings, result)
     console.rule("[bold]7. Invoices for the period (rate card, Dagster, PDF/CSV/JSON/FOCUS)")
     invoice_month(settings, result)
+    console.rule("[bold]8. Efficiency marts for analysts, and the dashboard")
+    analytics_summary(settings)
     console.print(
         "\n[bold]Done.[/bold] Stop the stack with [cyan].venv/bin/gpuledger stack down[/cyan] "
         "(its Kafka keeps events in memory only)."

@@ -12,7 +12,7 @@ into the UTC window `[start, end)` that the ingest functions take.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,9 @@ HOURLY_PARTITIONS = dg.HourlyPartitionsDefinition(
 )
 
 
-def hourly_asset(*, group_name: str, kinds: set[str]) -> Callable[[Any], Any]:
+def hourly_asset(
+    *, group_name: str, kinds: set[str], deps: Sequence[Any] | None = None
+) -> Callable[[Any], Any]:
     """`dg.asset` on the hourly partitions, backfilled as one run.
 
     `backfill_policy` is beta in Dagster 1.13 and warns at import. A backfill of many
@@ -54,6 +56,7 @@ def hourly_asset(*, group_name: str, kinds: set[str]) -> Callable[[Any], Any]:
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group_name,
             kinds=kinds,
+            deps=deps,
         )
 
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from ingest.settings import EfficiencySettings
 from models.allocation_config import AllocationConfig
 from models.errors import InputError
-from pipelines.allocation import DBT_PROJECT_DIR, load_allocation_config
+from pipelines.allocation import DBT_PROJECT_DIR, efficiency_dbt_vars, load_allocation_config
 from tests.conftest import build_settings
 
 #: Vars every run passes for itself: the window and the usage topic.
@@ -24,10 +25,14 @@ def project_vars() -> dict[str, Any]:
 
 
 def test_dbt_project_vars_equal_the_config_defaults() -> None:
-    """Guards against the defaults in dbt_project.yml drifting from AllocationConfig's."""
-    defaults = AllocationConfig().dbt_vars(
-        "2024-01-01T00:00:00+00:00", "2024-01-01T01:00:00+00:00", "topic"
-    )
+    """Guards against the defaults in dbt_project.yml drifting from AllocationConfig's
+    and EfficiencySettings'."""
+    defaults = {
+        **AllocationConfig().dbt_vars(
+            "2024-01-01T00:00:00+00:00", "2024-01-01T01:00:00+00:00", "topic"
+        ),
+        **efficiency_dbt_vars(EfficiencySettings()),
+    }
     declared = project_vars()
     assert set(declared) == set(defaults)
     assert {k: v for k, v in declared.items() if k not in RUN_VARS} == {

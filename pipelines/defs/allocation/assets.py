@@ -18,7 +18,7 @@ models that failed their own tests.
 
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +26,9 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, dbt_assets
 
 from ingest.catalog import ensure_catalog
+from ingest.settings import Settings
 from models.errors import ServiceError
-from pipelines.allocation import dbt_build_args, dbt_vars
+from pipelines.allocation import HOURLY_SELECTION, MONTHLY_TAG, dbt_build_args, dbt_vars
 from pipelines.defs.allocation.resources import (
     DBT_PROJECT,
     GpuledgerDbtResource,
@@ -41,6 +42,7 @@ __all__ = [
     "AllocationTranslator",
     "DbtTestsFailed",
     "allocation_models",
+    "dbt_build",
     "dbt_failures",
 ]
 
@@ -101,6 +103,8 @@ with warnings.catch_warnings():
         manifest=prepare_manifest(),
         project=DBT_PROJECT,
         name="allocation_models",
+        # The monthly models read the period's invoices: pipelines/defs/efficiency.
+        exclude=f"tag:{MONTHLY_TAG}",
         partitions_def=HOURLY_PARTITIONS,
         backfill_policy=dg.BackfillPolicy.single_run(),
         dagster_dbt_translator=TRANSLATOR,
@@ -113,23 +117,39 @@ with warnings.catch_warnings():
         """`dbt build` of the selected models and their tests for the run's window."""
         settings = gpuledger.settings()
         start, end = _window(context)
-        variables = dbt_vars(settings, start, end)
-        ensure_catalog(settings)  # the raw views dbt's sources read
-        context.log.info(f"dbt build for [{start.isoformat()}, {end.isoformat()})")
-        invocation = dbt.cli_on(settings, dbt_build_args(variables), context=context)
-        yield from invocation.stream()
-        try:
-            run_results = invocation.get_artifact("run_results.json")
-        except FileNotFoundError:
-            run_results = {}
-        errors, failed_tests = dbt_failures(run_results)
-        if not run_results and not invocation.is_successful():
-            lines = str(invocation.get_error() or "").strip().splitlines()
-            raise ServiceError(f"dbt build failed: {lines[-1] if lines else 'no run results'}")
-        if errors:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise ServiceError(f"dbt build failed: {errors[0]}{more}")
-        if failed_tests:
-            raise DbtTestsFailed(
-                f"{len(failed_tests)} dbt tests failed: " + "; ".join(failed_tests[:5])
-            )
+        yield from dbt_build(context, dbt, settings, start, end)
+
+
+def dbt_build(
+    context: dg.AssetExecutionContext,
+    dbt: GpuledgerDbtResource,
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+    *,
+    selection: Sequence[str] = HOURLY_SELECTION,
+) -> Iterator[Any]:
+    """`dbt build` of the context's selected models and their tests for [start, end):
+    events streamed to Dagster, failures raised as described in the module doc."""
+    variables = dbt_vars(settings, start, end)
+    ensure_catalog(settings)  # the raw views dbt's sources read
+    context.log.info(f"dbt build for [{start.isoformat()}, {end.isoformat()})")
+    invocation = dbt.cli_on(
+        settings, dbt_build_args(variables, selection=selection), context=context
+    )
+    yield from invocation.stream()
+    try:
+        run_results = invocation.get_artifact("run_results.json")
+    except FileNotFoundError:
+        run_results = {}
+    errors, failed_tests = dbt_failures(run_results)
+    if not run_results and not invocation.is_successful():
+        lines = str(invocation.get_error() or "").strip().splitlines()
+        raise ServiceError(f"dbt build failed: {lines[-1] if lines else 'no run results'}")
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ServiceError(f"dbt build failed: {errors[0]}{more}")
+    if failed_tests:
+        raise DbtTestsFailed(
+            f"{len(failed_tests)} dbt tests failed: " + "; ".join(failed_tests[:5])
+        )

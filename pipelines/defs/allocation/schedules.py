@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from pipelines.defs.allocation.assets import allocation_models
+from pipelines.defs.efficiency.assets import analytics_snapshot
 from pipelines.defs.partitions import PARTITIONS_START, hour_partition_key
 from pipelines.defs.resources import GpuledgerSettings
 from pipelines.defs.usage.schedules import USAGE_SCHEDULE_CRON, hour_due
@@ -37,8 +38,11 @@ _USAGE_MINUTE_OF_HOUR = int(USAGE_SCHEDULE_CRON.split()[0])
 
 allocation_job = dg.define_asset_job(
     "allocation_job",
-    selection=dg.AssetSelection.assets(allocation_models),
-    description="dbt build of the allocation for an hour (dbt tests and allocation_invariants).",
+    selection=dg.AssetSelection.assets(allocation_models, analytics_snapshot),
+    description=(
+        "dbt build of the allocation and efficiency marts for an hour (dbt tests and "
+        "allocation_invariants), then a new analysts' snapshot."
+    ),
 )
 
 

@@ -11,6 +11,7 @@ before the period's end plus `billing.grace_days`, an `InputError` that fails th
 """
 
 import re
+import warnings
 from typing import Any
 
 import dagster as dg
@@ -22,10 +23,12 @@ from pipelines.defs.resources import GpuledgerSettings
 
 __all__ = [
     "FCT_TENANT_USAGE_HOURLY",
+    "MONTHLY_BACKFILL",
     "MONTHLY_PARTITIONS",
     "invoice_drafts",
     "invoices_final",
     "month_partition_key",
+    "monthly_asset",
     "period_of_key",
     "run_metadata",
 ]
@@ -33,6 +36,24 @@ __all__ = [
 MONTHLY_PARTITIONS = dg.MonthlyPartitionsDefinition(
     start_date="2024-01-01", timezone="UTC", end_offset=1
 )
+with warnings.catch_warnings():
+    # backfill_policy is beta in Dagster 1.13. One run per billing period, said for
+    # every monthly asset alike, so the invoice jobs (which add the efficiency domain's
+    # dbt models, single-run by dagster-dbt's default) keep one policy.
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    MONTHLY_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+
+
+def monthly_asset(**kwargs: Any) -> Any:
+    """`dg.asset` on the billing periods, one run per period (the beta warning of
+    `backfill_policy` silenced for this decorator only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.asset(
+            partitions_def=MONTHLY_PARTITIONS, backfill_policy=MONTHLY_BACKFILL, **kwargs
+        )
+
+
 FCT_TENANT_USAGE_HOURLY = dg.AssetKey(["marts", "fct_tenant_usage_hourly"])
 
 
@@ -82,8 +103,7 @@ def run_metadata(run: BillingRun) -> dict[str, Any]:
     return metadata
 
 
-@dg.asset(
-    partitions_def=MONTHLY_PARTITIONS,
+@monthly_asset(
     group_name="billing",
     kinds={"python"},
     deps=[FCT_TENANT_USAGE_HOURLY],
@@ -102,8 +122,7 @@ def invoice_drafts(
     return dg.MaterializeResult(metadata=run_metadata(run))
 
 
-@dg.asset(
-    partitions_def=MONTHLY_PARTITIONS,
+@monthly_asset(
     group_name="billing",
     kinds={"python"},
     deps=[invoice_drafts],

@@ -33,15 +33,27 @@ __all__ = [
 INVOICE_DRAFT_CRON = "0 1 * * *"
 INVOICE_FINALIZE_CRON = "0 3 * * *"
 
+#: The efficiency domain's monthly assets (by key: that domain imports this one's).
+_AFTER_INVOICES = (
+    dg.AssetKey(["marts", "mart_tenant_efficiency"]),
+    dg.AssetKey("analytics_period_snapshot"),
+)
+
 invoice_draft_job = dg.define_asset_job(
     "invoice_draft_job",
-    selection=dg.AssetSelection.assets(invoice_drafts),
-    description="Rewrite a month's draft invoices (with the invoice checks).",
+    selection=dg.AssetSelection.assets(invoice_drafts, *_AFTER_INVOICES),
+    description=(
+        "Rewrite a month's draft invoices (with the invoice checks), then its tenant "
+        "efficiency mart and a new analysts' snapshot."
+    ),
 )
 invoice_finalize_job = dg.define_asset_job(
     "invoice_finalize_job",
-    selection=dg.AssetSelection.assets(invoices_final),
-    description="Finalize a month's invoices (with the invoice checks).",
+    selection=dg.AssetSelection.assets(invoices_final, *_AFTER_INVOICES),
+    description=(
+        "Finalize a month's invoices (with the invoice checks), then rebuild its tenant "
+        "efficiency mart and publish a new analysts' snapshot."
+    ),
 )
 
 

@@ -1,0 +1,1 @@
+"""The browser dashboard over the published analytics catalog (not an installed package)."""
