@@ -12,12 +12,12 @@ MANIFEST := dbt/target/manifest.json
 DBT_SOURCES := $(shell find dbt/models dbt/macros dbt/tests -type f 2>/dev/null) \
 	dbt/dbt_project.yml dbt/profiles.yml
 
-.PHONY: demo test lint unit integration bench system-deps install dbt-parse clean
+.PHONY: demo test lint unit integration bench system-deps browser-deps install dbt-parse clean
 
 demo: install system-deps
 	$(BIN)/gpuledger demo
 
-test: install system-deps lint
+test: install system-deps browser-deps lint
 	bash tests/focus_validator_setup.sh
 	$(BIN)/pytest
 
@@ -52,6 +52,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+# The dashboard's browser test drives Debian's Chromium (headless); installed when missing.
+browser-deps:
+	@if ! command -v chromium >/dev/null; then \
+		echo "installing Debian package chromium (the dashboard's browser test)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; \
+	fi
 
 # Prometheus and promtool come from Debian (2.42); installed only when missing.
 system-deps:

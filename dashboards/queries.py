@@ -120,8 +120,8 @@ def headline(
 ) -> pl.DataFrame:
     """One row: GPU kWh, output tokens, fleet J/output token, kg CO2e, tenants, snapshot.
 
-    Fleet J/output token is Σ energy / Σ output tokens over the model-hours that
-    produced output tokens; GPU-hours with no traffic show under idle energy instead.
+    Fleet J/output token is all metered GPU energy over all output tokens: GPU-hours
+    with no traffic count too (the fleet paid for them), as they do in the kWh figure.
     """
     efficiency_where, params = _where("hour_start", start, end)
     day_where, _ = _where("day::timestamptz", start, end)
@@ -132,9 +132,7 @@ def headline(
         with tokens as (
             select
                 coalesce(sum(output_tokens), 0) as output_tokens,
-                sum(energy_j) filter (where output_tokens > 0)
-                    / nullif(sum(output_tokens) filter (where output_tokens > 0), 0)
-                    as j_per_output_token
+                sum(energy_j) / nullif(sum(output_tokens), 0) as j_per_output_token
             from marts.mart_efficiency_hourly
             where {efficiency_where}
         ),

@@ -146,3 +146,59 @@ def stack_factory(settings_factory: SettingsFactory) -> Iterator[Callable[..., L
     yield make
     for stack in stacks:
         stack.down()
+
+
+@dataclass(frozen=True)
+class EfficiencyPipeline:
+    """What `efficiency_pipeline` yields: a stack with two allocated hours, their
+    invoices drafted, and the analysts' snapshot published by those runs."""
+
+    settings: Settings
+    #: The hours allocated so far: [start, end).
+    start: datetime
+    end: datetime
+    #: A third simulated hour, delivered but not yet ingested or allocated.
+    next_hour: datetime
+    #: The hour the grid intensity file prices (others use the hour-of-day profile).
+    file_hour: datetime
+    file_g_per_kwh: float
+
+
+@pytest.fixture(scope="session")
+def efficiency_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EfficiencyPipeline]:
+    """The whole pipeline on a small fleet, as `make demo` runs it: 30 Jun 2026 22:00 to
+    1 Jul 01:00 simulated and delivered (so days and billing periods are crossed), the
+    first two hours ingested and allocated through Dagster (which publishes a snapshot),
+    the example rate card written and both months drafted (which publishes again)."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.cli.invoice import example_card_text
+    from pipelines.materialize import materialize_all
+    from pipelines.materialize_billing import materialize_invoices
+
+    start = datetime(2026, 6, 30, 22, tzinfo=UTC)
+    file_hour = start + timedelta(hours=1)
+    root = tmp_path_factory.mktemp("efficiency")
+    intensity = root / "grid.csv"
+    intensity.write_text(f"hour_start,g_co2e_per_kwh\n{file_hour.isoformat()},125.5\n")
+    profile = [300.0 + 10 * h for h in range(24)]
+    with running_stack(
+        root / "state",
+        kafka={"topic": "gpuledger.usage.v1", "topic_partitions": 2},
+        telemetry={"retries": 1, "backoff_s": 0.01},
+        efficiency={
+            "grid_intensity_file": intensity,
+            "grid_intensity_by_hour": profile,
+            "pue": 1.25,
+            "energy_tariff_per_kwh": "0.12",
+        },
+    ) as settings:
+        simulate_small_fleet(settings, root / "run", start=start, hours=3, seed=23, rate_per_s=0.3)
+        end = start + timedelta(hours=2)
+        allocated = materialize_all(settings, start, end)
+        assert allocated.success, allocated.failed_checks
+        settings.rate_card_path.write_text(example_card_text())
+        for period in ("2026-06", "2026-07"):
+            drafted = materialize_invoices(settings, period)
+            assert drafted.success, drafted.failed_checks
+        yield EfficiencyPipeline(settings, start, end, end, file_hour, 125.5)

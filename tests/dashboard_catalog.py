@@ -322,12 +322,11 @@ def write_synthetic_catalog(path: Path) -> dict[str, Any]:
         )
     finally:
         con.close()
-    with_tokens = [row for row in _EFFICIENCY if row[5] > 0]
     return {
         "snapshot_id": SNAPSHOT_ID,
-        # Σ energy over model-hours with output tokens / Σ output tokens
-        "fleet_j_per_output_token": sum(row[6] for row in with_tokens)
-        / sum(row[5] for row in with_tokens),
+        # All energy (no-traffic GPU-hours too) / all output tokens
+        "fleet_j_per_output_token": sum(row[6] for row in _EFFICIENCY)
+        / sum(row[5] for row in _EFFICIENCY),
         "output_tokens": sum(row[5] for row in _EFFICIENCY),
         "metered_kwh": sum(row[2] for row in _FLEET_DAILY),
         "kg_co2e": sum(row[6] for row in _FLEET_DAILY),
