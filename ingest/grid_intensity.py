@@ -88,6 +88,8 @@ def sync_grid_intensity(settings: Settings, lake: Lake) -> None:
         if target.exists():
             target.unlink()
         return
+    if not source.is_file():
+        raise InputError(f"efficiency.grid_intensity_file {source}: does not exist")
     if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
         return
     write_parquet_atomic(read_grid_intensity_csv(source), target)

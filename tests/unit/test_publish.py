@@ -114,4 +114,3 @@ def warehouse_sql(settings: Settings, query: str) -> None:
         con.execute(query)
 
 
-@contextlib_free_reader := None  # placeholder removed below  # noqa: E999
