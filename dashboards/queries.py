@@ -18,6 +18,8 @@ from typing import Any, Literal
 import duckdb
 import polars as pl
 
+from pipelines.analytics.publish import current_catalog
+
 Grain = Literal["hour", "day"]
 
 NO_TRAFFIC = "(no traffic)"
@@ -29,10 +31,12 @@ INVOICE_FILES = ("invoice.pdf", "lines.csv", "focus.csv")
 def open_catalog(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only connection for one page load, closed afterwards.
 
-    The publisher replaces the file atomically; a connection opened later sees the
-    new snapshot, so none is kept across reruns.
+    It opens the current snapshot's own catalog file (`current_catalog`): Streamlit
+    serves every session from one process, where DuckDB shares one database per path,
+    so opening `analytics.duckdb` while another session holds it would show that
+    session's (older) snapshot.
     """
-    con = duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(current_catalog(path)), read_only=True)
     try:
         con.sql("set TimeZone = 'UTC'")
         yield con

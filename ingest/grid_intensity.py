@@ -11,14 +11,17 @@ without anyone noticing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 
-from ingest.lake import Lake, write_parquet_atomic
+from ingest.lake import Lake, write_json_atomic, write_parquet_atomic
 from ingest.settings import Settings
 from models.errors import InputError
 
@@ -58,7 +61,9 @@ def read_grid_intensity_csv(path: Path) -> pa.Table:
                 f"grid intensity file {path}: missing column(s) {', '.join(missing)} "
                 f"(expected a header hour_start,g_co2e_per_kwh)"
             )
-        for line_no, row in enumerate(reader, start=2):
+        for row in reader:
+            # The reader's own line count: blank lines it skips still count.
+            line_no = reader.line_num
             where = f"grid intensity file {path}, line {line_no}"
             hour = _hour(row["hour_start"] or "", where)
             try:
@@ -80,16 +85,22 @@ def read_grid_intensity_csv(path: Path) -> pa.Table:
 
 
 def sync_grid_intensity(settings: Settings, lake: Lake) -> None:
-    """Copy the configured file into the lake when it changed; remove the copy when no
-    file is configured any more (the hour-of-day profile then applies everywhere)."""
+    """Copy the configured file into the lake when its content changed (by SHA-256,
+    kept beside the copy); remove the copy when no file is configured any more (the
+    hour-of-day profile then applies everywhere)."""
     target = lake.grid_intensity / "table" / "grid_intensity.parquet"
+    stamp = lake.grid_intensity / "source.json"
     source = settings.efficiency.grid_intensity_file
     if source is None:
-        if target.exists():
-            target.unlink()
+        target.unlink(missing_ok=True)
+        stamp.unlink(missing_ok=True)
         return
     if not source.is_file():
         raise InputError(f"efficiency.grid_intensity_file {source}: does not exist")
-    if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
-        return
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if target.exists() and stamp.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(stamp.read_text())["sha256"] == digest:
+                return
     write_parquet_atomic(read_grid_intensity_csv(source), target)
+    write_json_atomic({"source": str(source.resolve()), "sha256": digest}, stamp)

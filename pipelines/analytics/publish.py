@@ -6,6 +6,7 @@ scheduled run). So after each run the marts it changed are published:
 
     <published>/data/<table>/<partition>/<snapshot>.parquet   immutable, written once
     <published>/snapshots/<snapshot>.json                     the files of a snapshot
+    <published>/catalogs/<snapshot>.duckdb                    its catalog
     <published>/analytics.duckdb                              the current catalog
 
 A snapshot rewrites only the partitions (UTC days, or billing periods) its window
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,12 +35,25 @@ from typing import Any, Literal
 
 import duckdb
 
-from ingest.lake import atomic_path, fsync_dir, remove_stale_tmp, write_parquet_atomic
+from ingest.lake import (
+    TMP_SUFFIX,
+    atomic_path,
+    fsync_dir,
+    remove_stale_tmp,
+    write_parquet_atomic,
+)
 from ingest.settings import Settings
 from models.errors import ServiceError
 from pipelines.billing.index import invoice_index
 
-__all__ = ["PUBLISHED_TABLES", "PublishReport", "PublishedTable", "publish", "snapshot_info"]
+__all__ = [
+    "PUBLISHED_TABLES",
+    "PublishReport",
+    "PublishedTable",
+    "current_catalog",
+    "publish",
+    "snapshot_info",
+]
 
 Grain = Literal["day", "month", "period", "all"]
 
@@ -199,9 +214,10 @@ def publish(
     began = time.perf_counter()
     chosen = [_BY_NAME[name] for name in tables] if tables is not None else list(PUBLISHED_TABLES)
     root = settings.published_path.resolve()
-    snapshot_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    snapshot_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:8]
     with _exclusive(root / ".lock"):
         remove_stale_tmp(root)
+        remove_stale_tmp(root / "catalogs")
         manifest = _current_manifest(root)
         tables_state: dict[str, dict[str, dict[str, Any]]] = {
             name: dict(parts) for name, parts in manifest.get("tables", {}).items()
@@ -235,12 +251,14 @@ def publish(
                     schema_file,
                 )
                 schemas[table.name] = str(schema_file.relative_to(root))
+                parts = tables_state.setdefault(table.name, {})
                 keys = (
-                    _all_partitions(warehouse, table)
+                    # Every partition the warehouse has, and those published before
+                    # (a partition emptied since is removed from the snapshot).
+                    sorted(set(_all_partitions(warehouse, table)) | set(parts))
                     if start is None or end is None
                     else window_partitions(table, start, end)
                 )
-                parts = tables_state.setdefault(table.name, {})
                 for key in keys:
                     final = data_dir / key / f"{snapshot_id}.parquet"
                     rows = _write_partition(
@@ -256,6 +274,9 @@ def publish(
                 warehouse.close()
         document = {
             "snapshot_id": snapshot_id,
+            # Snapshots are ordered by this, not by id or clock (publishes are serialized
+            # by the lock, so it only grows).
+            "sequence": int(manifest.get("sequence", 0)) + 1,
             "published_at": report.published_at.isoformat(),
             "window": [
                 start.isoformat() if start else None,
@@ -275,7 +296,9 @@ def publish(
             tmp.write_text(json.dumps(document, indent=1, sort_keys=True))
         with atomic_path(root / "manifest.json") as tmp:
             tmp.write_text(json.dumps(document, indent=1, sort_keys=True))
-        report.removed_files = _collect_garbage(root, settings.efficiency.keep_snapshots)
+        report.removed_files = _collect_garbage(
+            root, settings.efficiency.keep_snapshots, snapshot_id
+        )
     report.seconds = time.perf_counter() - began
     return report
 
@@ -285,17 +308,20 @@ def _sql_list(paths: Sequence[Path]) -> str:
 
 
 def _write_catalog(root: Path, document: dict[str, Any], rows: dict[str, int]) -> None:
-    """A new catalog file beside the current one, renamed over it."""
+    """The snapshot's catalog as `catalogs/<snapshot>.duckdb`, then the same file
+    (a hard link) renamed over `analytics.duckdb`."""
     final = root / "analytics.duckdb"
-    tmp = root / f".analytics-{document['snapshot_id']}.duckdb.tmp"
+    named = root / "catalogs" / f"{document['snapshot_id']}.duckdb"
+    named.parent.mkdir(parents=True, exist_ok=True)
+    tmp = named.with_name(f".{named.name}{TMP_SUFFIX}")
+    link = root / f".analytics-{document['snapshot_id']}.duckdb{TMP_SUFFIX}"
     try:
         with duckdb.connect(str(tmp)) as con:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("CREATE SCHEMA marts")
             for name in sorted(set(document["tables"]) | set(document["schemas"])):
-                files = [
-                    root / p["file"] for _, p in sorted(document["tables"].get(name, {}).items())
-                ]
+                parts = document["tables"].get(name, {})
+                files = [root / p["file"] for _, p in sorted(parts.items())]
                 if name in document["schemas"]:
                     files.insert(0, root / document["schemas"][name])
                 if not files:
@@ -314,23 +340,36 @@ def _write_catalog(root: Path, document: dict[str, Any], rows: dict[str, int]) -
                 },
             )
             con.execute("CHECKPOINT")
-        for leftover in (tmp.with_name(tmp.name + ".wal"),):
-            if leftover.exists():
-                raise ServiceError(f"publish: {leftover} was left behind; the catalog is not whole")
-        tmp.replace(final)
+        wal = tmp.with_name(tmp.name + ".wal")
+        if wal.exists():
+            raise ServiceError(f"publish: {wal} was left behind; the catalog is not whole")
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(named)
+        os.link(named, link)
+        link.replace(final)
+        fsync_dir(named.parent)
         fsync_dir(root)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, link):
+            leftover.unlink(missing_ok=True)
 
 
-def _collect_garbage(root: Path, keep: int) -> int:
-    """Delete data files no kept snapshot names: the current one and `keep` before it."""
-    snapshots = sorted((root / "snapshots").glob("*.json"))
-    kept, dropped = snapshots[-(keep + 1) :], snapshots[: -(keep + 1)]
-    referenced: set[str] = set()
-    for path in kept:
+def _collect_garbage(root: Path, keep: int, current: str) -> int:
+    """Delete what no kept snapshot names: data files and per-snapshot catalogs of all
+    but the current snapshot and the `keep` before it (by sequence)."""
+    documents = []
+    for path in (root / "snapshots").glob("*.json"):
         document = json.loads(path.read_text())
+        documents.append(
+            (int(document.get("sequence", 0)), document["snapshot_id"], path, document)
+        )
+    documents.sort(key=lambda item: item[:2])
+    kept = documents[-(keep + 1) :]
+    kept += [d for d in documents if d[1] == current and d not in kept]
+    dropped = [d for d in documents if d not in kept]
+    referenced: set[str] = set()
+    for _, _, _, document in kept:
         for parts in document.get("tables", {}).values():
             referenced.update(p["file"] for p in parts.values())
         referenced.update(document.get("schemas", {}).values())
@@ -341,9 +380,29 @@ def _collect_garbage(root: Path, keep: int) -> int:
             if str(path.relative_to(root)) not in referenced:
                 path.unlink()
                 removed += 1
-    for path in dropped:
+    for _, snapshot_id, path, _ in dropped:
+        (root / "catalogs" / f"{snapshot_id}.duckdb").unlink(missing_ok=True)
         path.unlink()
     return removed
+
+
+def current_catalog(path: Path) -> Path:
+    """The catalog file of the current snapshot, by its own name
+    (`<published>/catalogs/<snapshot>.duckdb`), or `path` itself when the publisher's
+    manifest is not beside it.
+
+    Processes that open many connections over time (the dashboard) open this, not
+    `analytics.duckdb`: DuckDB shares one database per path within a process, so while
+    any connection to `analytics.duckdb` is open, a new one would see that old
+    snapshot; a path per snapshot always opens the snapshot it names.
+    """
+    manifest = path.parent / "manifest.json"
+    try:
+        snapshot_id = json.loads(manifest.read_text())["snapshot_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return path
+    named = path.parent / "catalogs" / f"{snapshot_id}.duckdb"
+    return named if named.is_file() else path
 
 
 def snapshot_info(catalog: Path) -> dict[str, Any]:

@@ -41,6 +41,12 @@ def dashboard_command(
         str(port),
         "--browser.gatherUsageStats",
         "false",
+        # A served dashboard, not a development session: no Deploy button or rerun
+        # menu, and no file watcher on the source tree.
+        "--client.toolbarMode",
+        "viewer",
+        "--server.fileWatcherType",
+        "none",
         "--",
         "--catalog",
         str(dashboard_catalog(settings, catalog)),

@@ -8,6 +8,8 @@ to query the snapshot and to serve the dashboard on the demo data.
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 from rich.table import Table
 
@@ -16,6 +18,12 @@ from pipelines.analytics.publish import snapshot_info
 from pipelines.cli.simulate import console
 
 __all__ = ["analytics_summary"]
+
+
+def _short_gpu(name: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `H100`: the product name, for a narrow terminal."""
+    found = re.search(r"\b[A-Z]{1,2}\d{2,3}[A-Z]?\b", name)
+    return found.group(0) if found else name
 
 
 def analytics_summary(settings: Settings) -> None:
@@ -52,12 +60,13 @@ def analytics_summary(settings: Settings) -> None:
             """
         ).fetchall()
     table = Table(title="Fleet efficiency (mart_efficiency_hourly)", title_justify="left")
-    for column in ("model", "GPU", "output tok", "J/out tok", "utilization", "idle share"):
-        table.add_column(column, justify="left" if column in {"model", "GPU"} else "right")
+    table.add_column("model", no_wrap=True)
+    for column in ("GPU", "output tok", "J/out tok", "util.", "idle share"):
+        table.add_column(column, justify="left" if column == "GPU" else "right")
     for model, gpu, tokens, per_token, utilization, idle in efficiency:
         table.add_row(
             model,
-            gpu.removeprefix("NVIDIA "),
+            _short_gpu(gpu),
             f"{tokens / 1e6:,.2f} M",
             "—" if per_token is None else f"{per_token:.3f}",
             "—" if utilization is None else f"{utilization:.0%}",
@@ -86,6 +95,6 @@ def analytics_summary(settings: Settings) -> None:
         f"    .venv/bin/python -c \"import duckdb; print(duckdb.connect('{catalog}', "
         "read_only=True).sql('SELECT * FROM marts.mart_fleet_daily'))\"\n"
         "  Open the dashboard on this data:\n"
-        f"    .venv/bin/gpuledger dashboard --catalog {catalog}\n"
+        "    .venv/bin/gpuledger dashboard\n"
         "    then browse http://127.0.0.1:8501"
     )

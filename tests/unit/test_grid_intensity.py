@@ -135,11 +135,6 @@ def test_duplicate_hour_names_both_lines_even_when_written_in_another_offset(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: line numbers count CSV rows, not file lines; csv.DictReader skips blank "
-    "lines, so every error after a blank line names the wrong line",
-)
 def test_line_number_counts_blank_lines(tmp_path: Path) -> None:
     """Guards against error line numbers drifting after a blank line in the file."""
     path = write_csv(tmp_path / "grid.csv", "2026-03-01T00:00:00Z,400\n\n2026-03-01T01:00:00Z,x\n")
@@ -218,11 +213,20 @@ def test_sync_removes_the_copy_when_the_setting_is_unset(tmp_path: Path) -> None
     assert not lake_copy(unset).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sync compares the copy's mtime with the source's, so switching the setting "
-    "to another file older than the copy keeps the previous file's data",
-)
+@pytest.mark.parametrize("copied_before", [False, True])
+def test_sync_of_a_configured_file_that_does_not_exist_is_an_input_error(
+    tmp_path: Path, copied_before: bool
+) -> None:
+    """Guards against a FileNotFoundError (not an InputError) once a lake copy exists."""
+    source = write_csv(tmp_path / "grid.csv", "2026-03-01T00:00:00Z,410\n")
+    settings = settings_with(tmp_path, source)
+    if copied_before:
+        sync_grid_intensity(settings, Lake(settings.lake_path))
+    source.unlink()
+    with pytest.raises(InputError, match=re.escape(str(source))):
+        sync_grid_intensity(settings, Lake(settings.lake_path))
+
+
 def test_sync_copies_a_different_file_even_if_it_is_older_than_the_copy(tmp_path: Path) -> None:
     """Guards against a stale lake copy after the setting names another (older) file."""
     first = write_csv(tmp_path / "first.csv", "2026-03-01T00:00:00Z,410\n")
