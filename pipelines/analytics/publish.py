@@ -21,13 +21,11 @@ an exclusive lock on `<published>/.lock`, so concurrent runs publish one after a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +41,7 @@ from ingest.lake import (
     write_parquet_atomic,
 )
 from ingest.settings import Settings
+from ingest.stack.process import locked
 from models.errors import ServiceError
 from pipelines.billing.index import invoice_index
 
@@ -132,17 +131,6 @@ def window_partitions(table: PublishedTable, start: datetime, end: datetime) -> 
     return keys
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _open_warehouse(settings: Settings, wait_s: float) -> duckdb.DuckDBPyConnection | None:
     """The warehouse, read-only, waiting while a dbt run holds its lock; None if it
     does not exist yet."""
@@ -215,7 +203,7 @@ def publish(
     chosen = [_BY_NAME[name] for name in tables] if tables is not None else list(PUBLISHED_TABLES)
     root = settings.published_path.resolve()
     snapshot_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:8]
-    with _exclusive(root / ".lock"):
+    with locked(root / ".lock"):
         remove_stale_tmp(root)
         remove_stale_tmp(root / "catalogs")
         manifest = _current_manifest(root)
