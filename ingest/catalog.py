@@ -62,7 +62,6 @@ def ensure_lake(settings: Settings) -> Lake:
         # empty) before the first real file lands.
         placeholder = "empty.parquet" if name == "*.parquet" else name
         ensure_empty_file(root / "_empty" / placeholder, schema)
-    sync_grid_intensity(settings, lake)
     return lake
 
 
@@ -88,6 +87,15 @@ def view_sql(settings: Settings) -> list[str]:
         "NULL::BIGINT AS late_incorporated WHERE false"
     )
     return statements
+
+
+def prepare_dbt_inputs(settings: Settings) -> Path:
+    """What a dbt run reads beyond ingestion's files: the raw views, and the configured
+    grid intensity copied into the lake (a bad file fails the run, naming its line;
+    ingestion, which never reads it, is not affected)."""
+    path = ensure_catalog(settings)
+    sync_grid_intensity(settings, Lake(settings.lake_path.resolve()))
+    return path
 
 
 def ensure_catalog(settings: Settings) -> Path:

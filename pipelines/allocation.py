@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ingest.catalog import connect, ensure_catalog
+from ingest.catalog import connect, prepare_dbt_inputs
 from ingest.settings import EfficiencySettings, Settings
 from models.allocation_config import AllocationConfig
 from models.errors import InputError, ServiceError
@@ -165,7 +165,7 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtRun:
     A child process, as Dagster's dbt integration runs it: the DuckDB connection dbt
     holds is gone when it exits, so this process can open the warehouse afterwards.
     """
-    ensure_catalog(settings)
+    prepare_dbt_inputs(settings)
     target = (settings.state_dir / "dbt-target").resolve()
     command = [
         dbt_executable(),

@@ -66,11 +66,14 @@ def materialize_invoices(
     period: str,
     *,
     finalize: bool = False,
+    efficiency: bool = True,
     instance: dg.DagsterInstance | None = None,
 ) -> PipelineRunResult:
     """Draft `period` (`YYYY-MM`) with the invoice checks; with `finalize`, finalize it
-    in the same run (an `InputError` before the period closes)."""
-    assets = (*(BILLING_ASSETS if finalize else (invoice_drafts,)), *AFTER_INVOICES)
+    in the same run (an `InputError` before the period closes). Then, unless
+    `efficiency` is False, the period's tenant efficiency mart and a new snapshot."""
+    after = AFTER_INVOICES if efficiency else ()
+    assets = (*(BILLING_ASSETS if finalize else (invoice_drafts,)), *after)
     return _run(
         settings_or_config,
         period,

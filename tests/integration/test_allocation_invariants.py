@@ -478,7 +478,17 @@ def run_example(fleet: Fleet, state_dir: Path) -> None:
     assert {rid for rid, row in by_id.items() if row[5]} == set(reasons)
 
 
-@pytest.mark.parametrize("idle_policy", ["separate", "absorb", "share"])
+# `share` (the policy with the most arithmetic) runs by default; the other two are the
+# opt-in `slow` suite: the default run checks `separate` on every real pipeline run
+# (allocation_invariants in tests/integration/test_efficiency_marts.py and others).
+@pytest.mark.parametrize(
+    "idle_policy",
+    [
+        pytest.param("separate", marks=pytest.mark.slow),
+        pytest.param("absorb", marks=pytest.mark.slow),
+        "share",
+    ],
+)
 @settings(
     max_examples=3,
     deadline=None,

@@ -78,18 +78,20 @@ def billing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Billing]:
 
 
 def draft(billing: Billing) -> None:
-    result = materialize_invoices(billing.settings, PERIOD, instance=billing.instance)
+    result = materialize_invoices(
+        billing.settings, PERIOD, efficiency=False, instance=billing.instance
+    )
     assert result.success, result.failed_checks
 
 
-def assert_checks_pass(result: object, assets: set[str], *, materialized: bool = True) -> None:
+def assert_checks_pass(result: object, assets: set[str], *, efficiency: bool = False) -> None:
     from pipelines.materialize import PipelineRunResult
 
     assert isinstance(result, PipelineRunResult)
     assert not result.failed_checks, result.failed_checks  # the dbt tests of the marts too
     invoice_checks = {(c.asset, c.name) for c in result.checks if not c.asset.startswith("marts/")}
     assert invoice_checks == {(a, n) for a in assets for n in CHECKS}
-    if materialized:
+    if efficiency:
         # Every invoice run rebuilds the period's tenant efficiency mart and publishes it.
         assert {"marts/mart_tenant_efficiency", "analytics_period_snapshot"} <= set(
             result.materializations
@@ -101,7 +103,7 @@ def test_drafting_the_month_passes_every_check(billing: Billing) -> None:
     result = materialize_invoices(billing.settings, PERIOD, instance=billing.instance)
     assert result.success
     assert result.partition_keys == (KEY,)
-    assert_checks_pass(result, {"invoice_drafts"})
+    assert_checks_pass(result, {"invoice_drafts"}, efficiency=True)
     metadata = result.metadata("invoice_drafts", KEY)
     assert metadata["tenants"] == billing.tenants
     assert set(metadata["totals"]) == set(billing.tenants)
@@ -167,7 +169,7 @@ def test_finalizing_the_month_passes_every_check(billing: Billing) -> None:
         billing.settings, PERIOD, finalize=True, instance=billing.instance
     )
     assert result.success
-    assert_checks_pass(result, {"invoice_drafts", "invoices_final"})
+    assert_checks_pass(result, {"invoice_drafts", "invoices_final"}, efficiency=True)
     final = result.metadata("invoices_final", KEY)
     assert final["tenants"] == billing.tenants
     assert sorted(final["numbers"].values()) == ["INV-000001", "INV-000002", "INV-000003"]
@@ -186,12 +188,12 @@ def test_finalizing_the_month_passes_every_check(billing: Billing) -> None:
     assert tenant_isolation(billing.settings, PERIOD).files == 8 * len(billing.tenants)
 
     again = check_invoices(billing.settings, PERIOD, final=True, instance=billing.instance)
-    assert_checks_pass(again, {"invoices_final"}, materialized=False)
+    assert_checks_pass(again, {"invoices_final"})
 
 
 def test_a_final_invoice_is_not_finalized_twice(billing: Billing) -> None:
     result = materialize_invoices(
-        billing.settings, PERIOD, finalize=True, instance=billing.instance
+        billing.settings, PERIOD, finalize=True, efficiency=False, instance=billing.instance
     )
     assert result.success
     final = result.metadata("invoices_final", KEY)
@@ -227,7 +229,7 @@ def test_late_usage_is_pending_until_a_later_invoice_bills_it(billing: Billing) 
     tokens = checked.check("invoice_tokens_billed")
     assert (tokens.passed, tokens.severity, tokens.metadata["pending"]) == (False, "WARN", 1)
 
-    june = materialize_invoices(settings, "2026-06", instance=billing.instance)
+    june = materialize_invoices(settings, "2026-06", efficiency=False, instance=billing.instance)
     assert june.success  # pending on May is a WARN there only: June's own tokens are billed
     assert_checks_pass(june, {"invoice_drafts"})
     [carried] = june.metadata("invoice_drafts", "2026-06-01")["pending_adjustments"]
@@ -236,7 +238,9 @@ def test_late_usage_is_pending_until_a_later_invoice_bills_it(billing: Billing) 
     assert on_draft.only_pending
     assert "on a draft adjustment" in on_draft.pending[0].detail
 
-    june_final = materialize_invoices(settings, "2026-06", finalize=True, instance=billing.instance)
+    june_final = materialize_invoices(
+        settings, "2026-06", finalize=True, efficiency=False, instance=billing.instance
+    )
     assert_checks_pass(june_final, {"invoice_drafts", "invoices_final"})
     assert tokens_billed(settings, PERIOD).passed  # June's final invoice billed it
     assert lines_sum_to_totals(settings, "2026-06").passed
@@ -259,7 +263,7 @@ def test_a_tenants_first_usage_after_the_close_is_billed_on_its_next_invoice(
             {"start": START},
         )
     assert not tokens_billed(settings, PERIOD).passed  # hooli's May tokens: not billed
-    july = materialize_invoices(settings, "2026-07", instance=billing.instance)
+    july = materialize_invoices(settings, "2026-07", efficiency=False, instance=billing.instance)
     assert july.success
     store = InvoiceStore(settings.invoices_path)
     draft = store.read_document(store.draft_dir("2026-07", "hooli"))
@@ -267,6 +271,8 @@ def test_a_tenants_first_usage_after_the_close_is_billed_on_its_next_invoice(
     assert {(line.adjusts_period, line.adjusts_invoice) for line in late} == {(PERIOD, None)}
     assert sum(line.quantity for line in late if line.token_class == "completion") == 2000
     assert all("not invoiced" in line.description for line in late)
-    final = materialize_invoices(settings, "2026-07", finalize=True, instance=billing.instance)
+    final = materialize_invoices(
+        settings, "2026-07", finalize=True, efficiency=False, instance=billing.instance
+    )
     assert_checks_pass(final, {"invoice_drafts", "invoices_final"})
     assert tokens_billed(settings, PERIOD).passed

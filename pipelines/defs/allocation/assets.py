@@ -25,7 +25,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, dbt_assets
 
-from ingest.catalog import ensure_catalog
+from ingest.catalog import prepare_dbt_inputs
 from ingest.settings import Settings
 from models.errors import ServiceError
 from pipelines.allocation import HOURLY_SELECTION, MONTHLY_TAG, dbt_build_args, dbt_vars
@@ -132,7 +132,7 @@ def dbt_build(
     """`dbt build` of the context's selected models and their tests for [start, end):
     events streamed to Dagster, failures raised as described in the module doc."""
     variables = dbt_vars(settings, start, end)
-    ensure_catalog(settings)  # the raw views dbt's sources read
+    prepare_dbt_inputs(settings)  # the raw views and reference data dbt's sources read
     context.log.info(f"dbt build for [{start.isoformat()}, {end.isoformat()})")
     invocation = dbt.cli_on(
         settings, dbt_build_args(variables, selection=selection), context=context
