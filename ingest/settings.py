@@ -153,6 +153,22 @@ class BillingSettings(BaseModel):
     credit_note_prefix: str = Field(default="CN", pattern=r"^[A-Z][A-Z0-9]{0,9}$")
 
 
+class GatewaySettings(BaseModel):
+    """The metering gateway: its API keys, its spool, where it listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys_file: Path | None = Field(
+        default=None,
+        description="API key records (digests only); unset = <state_dir>/api_keys.yaml",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="durable usage spool; unset = <state_dir>/gateway/spool"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
 class EfficiencySettings(BaseModel):
     """The efficiency marts' economics and carbon, and where analysts read them.
 
@@ -228,6 +244,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
     efficiency: EfficiencySettings = Field(default_factory=EfficiencySettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @property
     def rate_card_path(self) -> Path:
@@ -236,6 +253,14 @@ class Settings(BaseSettings):
     @property
     def invoices_path(self) -> Path:
         return self.billing.invoices_dir or self.state_dir / "invoices"
+
+    @property
+    def api_keys_path(self) -> Path:
+        return self.gateway.keys_file or self.state_dir / "api_keys.yaml"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.gateway.spool_dir or self.state_dir / "gateway" / "spool"
 
     @property
     def published_path(self) -> Path:

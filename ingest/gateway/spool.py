@@ -1,0 +1,201 @@
+"""A durable local spool of usage events: nothing is lost while Kafka is down.
+
+The gateway appends every usage event here before it answers the client, and a
+forwarder sends what is pending to Kafka in order, acknowledging as Kafka confirms.
+When Kafka is down, events wait here (on disk, fsync'ed) and go out in order when it
+returns; a crash loses nothing that `append` returned for. Sending twice is harmless:
+the event id is the dedup key downstream.
+
+Layout: `<dir>/<first sequence, 16 digits>.seg` files of records
+`[length: u32][crc32: u32][payload]`, and `<dir>/acked` (the last acknowledged sequence,
+replaced atomically). A torn record at the end of the newest segment (a crash mid-write)
+is cut off when the spool opens; a bad record anywhere else is an error naming the file
+and offset — never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ServiceError
+
+__all__ = ["Spool", "SpoolCorrupt"]
+
+_HEADER = struct.Struct(">II")
+SEGMENT_SUFFIX = ".seg"
+#: A new segment starts past this size; whole acknowledged segments are deleted.
+SEGMENT_BYTES = 64 * 1024 * 1024
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
+class SpoolCorrupt(ServiceError):
+    """A record inside the spool (not a torn tail) does not read back."""
+
+
+@dataclass(frozen=True)
+class _Segment:
+    first: int
+    path: Path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        self._acked = self._read_acked()
+        self._segments = self._scan()
+        self._next = self._recover()
+        self._handle = None if not self._segments else self._segments[-1].path.open("ab")
+
+    # -- opening --------------------------------------------------------------------
+
+    def _read_acked(self) -> int:
+        path = self.directory / "acked"
+        if not path.exists():
+            return 0
+        text = path.read_text().strip()
+        if not text.isdigit():
+            raise SpoolCorrupt(f"spool {path}: expected a sequence number, found {text!r}")
+        return int(text)
+
+    def _scan(self) -> list[_Segment]:
+        segments = []
+        for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
+            stem = path.name.removesuffix(SEGMENT_SUFFIX)
+            if not stem.isdigit():
+                raise SpoolCorrupt(f"spool {path}: not a segment name")
+            segments.append(_Segment(int(stem), path))
+        return segments
+
+    def _records(self, segment: _Segment, *, last: bool) -> Iterator[tuple[int, int, bytes]]:
+        """(sequence, offset, payload) of a segment; a torn tail of the last segment
+        ends the iteration (the caller truncates it)."""
+        data = segment.path.read_bytes()
+        offset, sequence = 0, segment.first
+        while offset < len(data):
+            torn = f"spool {segment.path}, offset {offset}"
+            if offset + _HEADER.size > len(data):
+                if last:
+                    return
+                raise SpoolCorrupt(f"{torn}: a record header is cut short")
+            length, crc = _HEADER.unpack_from(data, offset)
+            end = offset + _HEADER.size + length
+            payload = data[offset + _HEADER.size : end]
+            if end > len(data) or length > MAX_RECORD_BYTES or zlib.crc32(payload) != crc:
+                if last:
+                    return
+                raise SpoolCorrupt(f"{torn}: the record does not match its checksum")
+            yield sequence, offset, payload
+            offset, sequence = end, sequence + 1
+
+    def _recover(self) -> int:
+        """The next sequence number; cuts a torn tail off the newest segment."""
+        if not self._segments:
+            return self._acked + 1
+        newest = self._segments[-1]
+        end, following = 0, newest.first
+        for sequence, offset, payload in self._records(newest, last=True):
+            end, following = offset + _HEADER.size + len(payload), sequence + 1
+        if end < newest.path.stat().st_size:
+            with newest.path.open("r+b") as handle:
+                handle.truncate(end)
+                os.fsync(handle.fileno())
+        return following
+
+    # -- writing ----------------------------------------------------------------------
+
+    def append(self, payload: bytes) -> int:
+        """Write one record durably; returns its sequence number."""
+        return self.append_many([payload])[-1]
+
+    def append_many(self, payloads: list[bytes]) -> list[int]:
+        """Write records durably with one fsync; returns their sequence numbers."""
+        if not payloads:
+            return []
+        for payload in payloads:
+            if len(payload) > MAX_RECORD_BYTES:
+                raise ValueError(f"spool record of {len(payload)} bytes is over the limit")
+        with self._lock:
+            if self._handle is None or self._handle.tell() >= self.segment_bytes:
+                self._roll()
+            assert self._handle is not None
+            buffer = b"".join(_HEADER.pack(len(p), zlib.crc32(p)) + p for p in payloads)
+            self._handle.write(buffer)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            first = self._next
+            self._next += len(payloads)
+            return list(range(first, self._next))
+
+    def _roll(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        path = self.directory / f"{self._next:016d}{SEGMENT_SUFFIX}"
+        self._handle = path.open("ab")
+        _fsync_dir(self.directory)
+        self._segments.append(_Segment(self._next, path))
+
+    # -- reading and acknowledging ----------------------------------------------------
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    @property
+    def pending_count(self) -> int:
+        return self._next - 1 - self._acked
+
+    def pending(self, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Records not yet acknowledged, oldest first."""
+        with self._lock:
+            segments = list(self._segments)
+        out: list[tuple[int, bytes]] = []
+        for i, segment in enumerate(segments):
+            following = segments[i + 1].first if i + 1 < len(segments) else None
+            if following is not None and following <= self._acked + 1:
+                continue
+            for sequence, _, payload in self._records(segment, last=following is None):
+                if sequence > self._acked:
+                    out.append((sequence, payload))
+                    if limit is not None and len(out) >= limit:
+                        return out
+        return out
+
+    def ack(self, sequence: int) -> None:
+        """Everything up to `sequence` reached Kafka; whole segments below it go."""
+        with self._lock:
+            if sequence <= self._acked:
+                return
+            if sequence >= self._next:
+                raise ValueError(f"ack {sequence}: only {self._next - 1} records were written")
+            tmp = self.directory / "acked.tmp"
+            tmp.write_text(f"{sequence}\n")
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            tmp.replace(self.directory / "acked")
+            _fsync_dir(self.directory)
+            self._acked = sequence
+            while len(self._segments) > 1 and self._segments[1].first <= sequence + 1:
+                self._segments.pop(0).path.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
