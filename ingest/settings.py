@@ -153,8 +153,59 @@ class BillingSettings(BaseModel):
     credit_note_prefix: str = Field(default="CN", pattern=r"^[A-Z][A-Z0-9]{0,9}$")
 
 
+class TritonServerSettings(BaseModel):
+    """One Triton server behind the gateway: where to call it and what serves on it.
+
+    `hostname` and `gpu_uuids` go into every usage event of a request it served (Triton
+    does not report them); `name` is the server's identity in usage events (`source`
+    is `triton://<name>/v2/models/<model>`) and on its Prometheus metrics scrape
+    (label `triton_server`), so reconciliation can match the two.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    grpc_url: str = Field(
+        pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$", description="host:port of Triton's gRPC"
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9.\-:]{1,200}$",
+        description="identity in usage events and metrics; unset = grpc_url",
+    )
+    metrics_url: str | None = Field(
+        default=None, description="Triton's metrics endpoint, e.g. http://host:8002/metrics"
+    )
+    hostname: str = Field(min_length=1, max_length=253, description="serving host")
+    gpu_uuids: list[str] = Field(
+        min_length=1,
+        max_length=64,
+        description="GPUs serving the models (a tensor-parallel group lists each)",
+    )
+    models: list[str] = Field(min_length=1, description="models this server serves")
+    model_version: str = Field(default="1", min_length=1, max_length=64)
+
+    @property
+    def server_name(self) -> str:
+        return self.name or self.grpc_url
+
+
+class ReconciliationSettings(BaseModel):
+    """Revenue assurance: usage events against Triton's own request counters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: |events - Triton's count| / Triton's count above this fails the check. Requests
+    #: finishing in the last scrape interval of an hour can be counted by Triton in the
+    #: next hour's scrape, so a small tolerance is normal.
+    drift_threshold: float = Field(default=0.02, ge=0, le=1)
+    #: Absolute differences up to this many requests never fail (quiet hours).
+    min_abs_drift: int = Field(default=0, ge=0)
+    #: The Prometheus job that scrapes Triton's metrics endpoints.
+    triton_job: str = Field(default="triton", min_length=1)
+
+
 class GatewaySettings(BaseModel):
-    """The metering gateway: its API keys, its spool, where it listens."""
+    """The metering gateway: its API keys, its spool, where it listens, what it calls."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -167,6 +218,16 @@ class GatewaySettings(BaseModel):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    servers: list[TritonServerSettings] = Field(
+        default_factory=list, description="Triton servers; requests go to one serving the model"
+    )
+    default_max_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    max_tokens_limit: int = Field(default=8192, ge=1, le=1_000_000)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    #: Events sent to Kafka per batch by the forwarder; the spool keeps the rest.
+    forward_batch: int = Field(default=500, ge=1, le=100_000)
+    #: Wait between attempts while Kafka is unreachable (events stay in the spool).
+    forward_retry_s: float = Field(default=2.0, gt=0, le=300)
 
 
 class EfficiencySettings(BaseModel):
@@ -245,6 +306,7 @@ class Settings(BaseSettings):
     billing: BillingSettings = Field(default_factory=BillingSettings)
     efficiency: EfficiencySettings = Field(default_factory=EfficiencySettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    reconciliation: ReconciliationSettings = Field(default_factory=ReconciliationSettings)
 
     @property
     def rate_card_path(self) -> Path:
