@@ -1,7 +1,7 @@
 """Dagster entry point: a loader plus project-wide policy, nothing else.
 
 Each domain folder under `pipelines/defs/` (usage, telemetry, allocation, billing,
-efficiency) returns its own `Definitions`; they are merged here. The domains arrive
+efficiency, assurance) returns its own `Definitions`; they are merged here. The domains arrive
 with the ingestion and allocation work.
 """
 

@@ -87,6 +87,7 @@ class LocalStack:
             start_timeout_s=stack.start_timeout_s,
             scrape_interval_s=stack.scrape_interval_s,
             retention=stack.prometheus_retention,
+            triton_job=settings.reconciliation.triton_job,
         )
 
     @property

@@ -7,7 +7,11 @@ Layout under `<state_dir>/stack/prometheus/`:
   promtool-backfilled blocks moved in here become visible after `restart()`;
 - `targets/`, file-based service discovery for the `dcgm-exporter` job: a live
   exporter registers by dropping `<name>.json` there (`register_scrape_target`),
-  and Prometheus picks it up within 5 s without a restart.
+  and Prometheus picks it up within 5 s without a restart;
+- `triton_targets/`, the same for the `triton` job (Triton's metrics endpoints, for
+  revenue assurance; `ingest.triton_counters.register_triton_targets`). Each target
+  carries its `triton_server` label and, where its URL says so, its own
+  `__metrics_path__` and `__scheme__`.
 
 Retention comes from `settings.stack.prometheus_retention` (default 3650d): the
 Prometheus default of 15d would delete a backfilled past at the next compaction.
@@ -36,6 +40,10 @@ from ingest.stack.process import (
 from models.errors import ServiceError
 
 DCGM_JOB = "dcgm-exporter"
+#: The default job of Triton's metrics endpoints (`settings.reconciliation.triton_job`).
+TRITON_JOB = "triton"
+#: file_sd directory of the Triton job, beside `prometheus.yml`.
+TRITON_TARGETS_DIR = "triton_targets"
 SELF_JOB = "prometheus"
 TARGETS_REFRESH_INTERVAL = "5s"
 
@@ -60,12 +68,18 @@ def _which(name: str) -> str:
     return found
 
 
-def render_config(*, port: int, scrape_interval_s: int) -> str:
-    """prometheus.yml: scrape ourselves and whatever `targets/*.json` lists.
+def render_config(*, port: int, scrape_interval_s: int, triton_job: str = TRITON_JOB) -> str:
+    """prometheus.yml: scrape ourselves, whatever `targets/*.json` lists (DCGM), and
+    whatever `triton_targets/*.json` lists (Triton, in job `triton_job`).
 
     The file_sd path is relative, which Prometheus resolves against the config file's
     directory, so the state directory can move.
     """
+    if triton_job in (SELF_JOB, DCGM_JOB):
+        raise ServiceError(
+            f"reconciliation.triton_job {triton_job!r} is the name of another scrape job "
+            f"of the local Prometheus; choose another (default {TRITON_JOB!r})"
+        )
     config = {
         "global": {
             "scrape_interval": f"{scrape_interval_s}s",
@@ -81,6 +95,16 @@ def render_config(*, port: int, scrape_interval_s: int) -> str:
                 "job_name": DCGM_JOB,
                 "file_sd_configs": [
                     {"files": ["targets/*.json"], "refresh_interval": TARGETS_REFRESH_INTERVAL}
+                ],
+            },
+            {
+                "job_name": triton_job,
+                "metrics_path": "/metrics",
+                "file_sd_configs": [
+                    {
+                        "files": [f"{TRITON_TARGETS_DIR}/*.json"],
+                        "refresh_interval": TARGETS_REFRESH_INTERVAL,
+                    }
                 ],
             },
         ],
@@ -131,10 +155,12 @@ class PrometheusService(ManagedService):
         start_timeout_s: float,
         scrape_interval_s: int,
         retention: str,
+        triton_job: str = TRITON_JOB,
     ) -> None:
         super().__init__(stack_dir, port=port, start_timeout_s=start_timeout_s)
         self.scrape_interval_s = scrape_interval_s
         self.retention = retention
+        self.triton_job = triton_job
 
     @property
     def home(self) -> Path:
@@ -152,13 +178,20 @@ class PrometheusService(ManagedService):
     def targets_dir(self) -> Path:
         return self.home / "targets"
 
+    @property
+    def triton_targets_dir(self) -> Path:
+        return self.home / TRITON_TARGETS_DIR
+
     def binary(self) -> str:
         return prometheus_bin()
 
     def prepare(self, port: int) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        text = render_config(port=port, scrape_interval_s=self.scrape_interval_s)
+        self.triton_targets_dir.mkdir(parents=True, exist_ok=True)
+        text = render_config(
+            port=port, scrape_interval_s=self.scrape_interval_s, triton_job=self.triton_job
+        )
         tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(self.config_path)
