@@ -38,8 +38,10 @@ from models.errors import GpuledgerError, InputError, ServiceError
 from pipelines.defs.allocation.assets import allocation_models
 from pipelines.defs.allocation.checks import allocation_invariants
 from pipelines.defs.allocation.resources import dbt_resource
+from pipelines.defs.assurance.assets import triton_reconciliation
+from pipelines.defs.assurance.checks import triton_counts_match
 from pipelines.defs.efficiency.assets import analytics_snapshot
-from pipelines.defs.partitions import partition_keys_between
+from pipelines.defs.partitions import partition_keys_between, provisional_hours
 from pipelines.defs.resources import GpuledgerSettings, KafkaResource, PrometheusResource
 from pipelines.defs.telemetry.assets import gpu_telemetry_raw
 from pipelines.defs.telemetry.checks import telemetry_coverage_per_gpu
@@ -186,8 +188,9 @@ def _run(
     instance: dg.DagsterInstance | None,
     selection: dg.AssetSelection | None,
     run_config: Mapping[str, Any] | None,
+    provisional: bool = False,
 ) -> PipelineRunResult:
-    keys = partition_keys_between(start, end)
+    keys = partition_keys_between(start, end, open_hour=provisional)
     resources = {
         "gpuledger": _gpuledger_resource(settings_or_config),
         "kafka": KafkaResource(),
@@ -197,7 +200,12 @@ def _run(
     config: dict[str, Any] = {**_QUIET, **(run_config or {})}
     # dagster-dbt echoes every dbt log line to stdout (for a deployment's compute logs);
     # here dbt's own log file (<state_dir>/dbt-target/dbt.log) keeps them instead.
-    with Path(os.devnull).open("w") as devnull, contextlib.redirect_stdout(devnull):
+    hours = provisional_hours() if provisional else contextlib.nullcontext()
+    with (
+        hours,
+        Path(os.devnull).open("w") as devnull,
+        contextlib.redirect_stdout(devnull),
+    ):
         result = dg.materialize(
             definitions,
             run_config=config,
@@ -212,6 +220,7 @@ def _run(
 
 _INGEST = (*INGEST_ASSETS, *INGEST_CHECKS)
 _ALLOCATION = (*ALLOCATION_ASSETS, *ALLOCATION_CHECKS)
+_ASSURANCE = (triton_reconciliation, triton_counts_match)
 
 
 def materialize_ingest(
@@ -221,6 +230,7 @@ def materialize_ingest(
     *,
     instance: dg.DagsterInstance | None = None,
     run_config: Mapping[str, Any] | None = None,
+    provisional: bool = False,
 ) -> PipelineRunResult:
     """Materialize both ingest assets, with their checks, for the hours overlapping
     `[start, end)`, in one run.
@@ -228,7 +238,9 @@ def materialize_ingest(
     `settings_or_config`: a `Settings` (used as is), a `GpuledgerSettings` resource, a
     TOML config file, or None (GPULEDGER_* environment and ./gpuledger.toml, as the CLI).
     `run_config` adds to the run's config (e.g. `{"ops": {"usage_events_raw": {"config":
-    {"consume": False}}}}`). Every hour must have ended.
+    {"consume": False}}}}`). Every hour must have ended, unless `provisional`: then the
+    hour in progress may be included (what has arrived so far; the run after the hour
+    ends replaces it).
     """
     return _run(
         settings_or_config,
@@ -238,6 +250,7 @@ def materialize_ingest(
         instance=instance,
         selection=None,
         run_config=run_config,
+        provisional=provisional,
     )
 
 
@@ -269,6 +282,7 @@ def materialize_allocation(
     *,
     instance: dg.DagsterInstance | None = None,
     run_config: Mapping[str, Any] | None = None,
+    provisional: bool = False,
 ) -> PipelineRunResult:
     """`dbt build` of the allocation models for the hours overlapping `[start, end)`,
     with the dbt tests and `allocation_invariants`, in one run, on what the lake holds
@@ -281,6 +295,30 @@ def materialize_allocation(
         instance=instance,
         selection=None,
         run_config=run_config,
+        provisional=provisional,
+    )
+
+
+def materialize_assurance(
+    settings_or_config: SettingsSource,
+    start: datetime,
+    end: datetime,
+    *,
+    instance: dg.DagsterInstance | None = None,
+    provisional: bool = False,
+) -> PipelineRunResult:
+    """Reconcile the hours overlapping `[start, end)` against Triton's counters
+    (`triton_reconciliation` and its check `triton_counts_match`), on the usage the lake
+    holds now (ingest is not run)."""
+    return _run(
+        settings_or_config,
+        start,
+        end,
+        definitions=_ASSURANCE,
+        instance=instance,
+        selection=None,
+        run_config=None,
+        provisional=provisional,
     )
 
 

@@ -11,8 +11,9 @@ into the UTC window `[start, end)` that the ingest functions take.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "hour_partition_key",
     "hourly_asset",
     "partition_keys_between",
+    "provisional_hours",
     "run_window",
     "window_of_keys",
 ]
@@ -84,8 +86,9 @@ def run_window(
     return window_of_keys(keys.start, keys.end)
 
 
-def partition_keys_between(start: datetime, end: datetime) -> list[str]:
-    """Keys of the hours overlapping `[start, end)`; each must have ended already."""
+def partition_keys_between(start: datetime, end: datetime, *, open_hour: bool = False) -> list[str]:
+    """Keys of the hours overlapping `[start, end)`; each must have ended already, except,
+    with `open_hour`, the hour in progress (a provisional run: see `provisional_hours`)."""
     if start.tzinfo is None or end.tzinfo is None:
         raise InputError("ingest window: start and end must carry a time zone (UTC)")
     if end <= start:
@@ -102,12 +105,30 @@ def partition_keys_between(start: datetime, end: datetime) -> list[str]:
         keys.append(hour_partition_key(hour))
         hour += timedelta(hours=1)
     last_ended = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    if open_hour:
+        last_ended += timedelta(hours=1)
     if hour > last_ended:
         raise InputError(
             f"ingest window: end {end.isoformat()} reaches into an hour that has not ended "
             f"(the newest partition ends at {last_ended.isoformat()})"
         )
     return keys
+
+
+@contextlib.contextmanager
+def provisional_hours() -> Iterator[None]:
+    """Let Dagster see the hour in progress as a partition, for one provisional run.
+
+    The live demo bills traffic minutes after it was served, inside the hour. Dagster's
+    partitions end at the last hour that has ended (`end_offset=0`), so within this
+    context the effective time is the end of the hour in progress. A provisional run
+    covers what has arrived so far; the scheduled run after the hour ends replaces
+    every row of it (each asset replaces its hours).
+    """
+    now = datetime.now(UTC)
+    hour_end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    with dg.partition_loading_context(effective_dt=hour_end + timedelta(seconds=1)):
+        yield
 
 
 def definitions() -> dg.Definitions:
