@@ -12,12 +12,12 @@ MANIFEST := dbt/target/manifest.json
 DBT_SOURCES := $(shell find dbt/models dbt/macros dbt/tests -type f 2>/dev/null) \
 	dbt/dbt_project.yml dbt/profiles.yml
 
-.PHONY: demo test lint unit integration bench system-deps browser-deps install dbt-parse clean
+.PHONY: demo test lint unit integration bench system-deps browser-deps triton-deps install dbt-parse clean
 
-demo: install system-deps
+demo: install system-deps triton-deps
 	$(BIN)/gpuledger demo
 
-test: install system-deps browser-deps lint
+test: install system-deps browser-deps triton-deps lint
 	bash tests/focus_validator_setup.sh
 	$(BIN)/pytest
 
@@ -60,6 +60,11 @@ browser-deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; \
 	fi
+
+# The Triton server (nvidia-pytriton's tritonserver) in its own venv, .venv-triton: it
+# pins numpy < 2. Fast when already installed; installs libpython3.11 when missing.
+triton-deps:
+	bash ingest/triton/setup_venv.sh
 
 # Prometheus and promtool come from Debian (2.42); installed only when missing.
 system-deps:
