@@ -11,6 +11,7 @@ Reading stops once every partition is past the reported end and a poll brings no
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -60,9 +61,16 @@ def read_topic(
             f"Kafka at {where} is unreachable: {type(exc).__name__}: {exc}"
         ) from None
     try:
-        partitions = [
-            TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])
-        ]
+        # A fresh consumer may not have the topic's metadata yet (a topic created a
+        # moment ago): ask for it until its partitions are known.
+        deadline = time.monotonic() + poll_timeout_s
+        known = consumer.partitions_for_topic(name)
+        while not known and time.monotonic() < deadline:
+            consumer.topics()  # a metadata request
+            known = consumer.partitions_for_topic(name)
+            if not known:
+                time.sleep(0.1)
+        partitions = [TopicPartition(name, p) for p in sorted(known or [])]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         end = consumer.end_offsets(partitions)

@@ -301,15 +301,19 @@ def _target(server: TritonServerSettings) -> tuple[str, dict[str, str]]:
 
 
 def register_triton_targets(
-    settings: Settings, servers: Iterable[TritonServerSettings] | None = None
+    settings: Settings,
+    servers: Iterable[TritonServerSettings] | None = None,
+    *,
+    stack: LocalStack | None = None,
 ) -> list[Path]:
     """Register each Triton server's metrics endpoint with the local stack's
     Prometheus (file_sd, job `triton`, label `triton_server`); the default servers
-    are `settings.gateway.servers`. Returns the files written; Prometheus picks them
+    are `settings.gateway.servers`; `stack` is the local stack whose Prometheus
+    scrapes them (default: the settings' own). Returns the files written; Prometheus picks them
     up within seconds, without a restart."""
     chosen = list(settings.gateway.servers if servers is None else servers)
     targets = [(server, *_target(server)) for server in chosen]  # all valid, or none written
-    directory = LocalStack(settings).prometheus.triton_targets_dir
+    directory = (stack or LocalStack(settings)).prometheus.triton_targets_dir
     return [
         register_scrape_target(
             directory, triton_target_file_name(server.server_name), [address], labels

@@ -99,6 +99,9 @@ class Forwarder:
         self._idle_wait_s = idle_wait_s
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._batch_lock = threading.Lock()
         self._drain_deadline: float | None = None
         self._producer: Producer | None = None
         self._thread: threading.Thread | None = None
@@ -118,6 +121,17 @@ class Forwarder:
 
     def wake(self) -> None:
         """New events are in the spool."""
+        self._wake.set()
+
+    def pause(self) -> None:
+        """Hold new events in the spool (say, for a Kafka maintenance window); returns
+        once no batch is in flight, so everything forwarded so far is on the broker."""
+        self._resumed.clear()
+        with self._batch_lock:
+            pass
+
+    def resume(self) -> None:
+        self._resumed.set()
         self._wake.set()
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -161,6 +175,9 @@ class Forwarder:
 
     def _run(self) -> None:
         while not self._draining_over():
+            if not self._resumed.is_set() and not self._stop.is_set():
+                self._resumed.wait(0.2)
+                continue
             try:
                 batch = self.spool.pending(limit=self.batch)
             except Exception as exc:  # a corrupt spool: say so, never skip a record
@@ -173,7 +190,11 @@ class Forwarder:
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue
-            if self.send_batch(batch):
+            with self._batch_lock:
+                sent = self._resumed.is_set() and self.send_batch(batch)
+            if sent:
+                continue
+            if not self._resumed.is_set():
                 continue
             self._sleep(self.retry_s)
         self._close_producer()
