@@ -85,6 +85,7 @@ class Forwarder:
         *,
         producer_factory: Callable[[], Producer] | None = None,
         idle_wait_s: float = 1.0,
+        linger_s: float = 0.05,
     ) -> None:
         from ingest.usage_publisher import CONTENT_TYPE_HEADER
 
@@ -97,6 +98,7 @@ class Forwarder:
         self._factory = producer_factory or kafka_producer_factory(settings)
         self._headers = [CONTENT_TYPE_HEADER]
         self._idle_wait_s = idle_wait_s
+        self._linger_s = linger_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._resumed = threading.Event()
@@ -189,6 +191,11 @@ class Forwarder:
                     break
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
+                # Let events gather for a moment: one send, flush and spool ack per
+                # batch instead of per request keeps this thread off the GIL that the
+                # request path needs (bench/gateway.py).
+                if not self._stop.is_set():
+                    self._stop.wait(self._linger_s)
                 continue
             with self._batch_lock:
                 sent = self._resumed.is_set() and self.send_batch(batch)

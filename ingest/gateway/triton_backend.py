@@ -237,6 +237,7 @@ class TritonBackend:
 
         call = client._client_stub.ModelStreamInfer(requests(), timeout=self.timeout_s)
         received = 0
+        completed = False
         try:
             async for response in call:
                 if response.error_message:
@@ -248,6 +249,7 @@ class TritonBackend:
                     received += 1
                     yield _decode(result)
                 if final:
+                    completed = True
                     return
             raise TritonError(f"Triton {server.server_name}: the stream ended before the final")
         except grpc.aio.AioRpcError as exc:
@@ -256,8 +258,10 @@ class TritonBackend:
                 raise TritonUnavailable(reason) from None
             raise TritonError(reason) from None
         finally:
+            # After the final response, closing the request half ends the call cleanly;
+            # cancelling it costs a formatted traceback inside grpc on every request.
             finished.set()
-            if not call.done():
+            if not completed and not call.done():
                 call.cancel()  # the client left, or the task was cancelled: stop generating
 
     async def aclose(self) -> None:
