@@ -12,10 +12,14 @@ MANIFEST := dbt/target/manifest.json
 DBT_SOURCES := $(shell find dbt/models dbt/macros dbt/tests -type f 2>/dev/null) \
 	dbt/dbt_project.yml dbt/profiles.yml
 
-.PHONY: demo test lint unit integration bench system-deps browser-deps triton-deps install dbt-parse clean
+.PHONY: demo demo-live test lint unit integration bench system-deps browser-deps triton-deps install dbt-parse clean
 
 demo: install system-deps triton-deps
 	$(BIN)/gpuledger demo
+
+# Real Triton traffic through the metering gateway, measured and billed (issue 7).
+demo-live: install system-deps triton-deps
+	$(BIN)/gpuledger demo-live
 
 test: install system-deps browser-deps triton-deps lint
 	bash tests/focus_validator_setup.sh

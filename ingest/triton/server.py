@@ -148,7 +148,7 @@ class TritonServer:
         stop_timeout_s: float = 6.0,
         venv_dir: Path | None = None,
     ) -> None:
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()  # tritonserver runs from elsewhere
         self.prefill_s_per_token = _pace_value("prefill_s_per_token", prefill_s_per_token)
         self.decode_s_per_token = _pace_value("decode_s_per_token", decode_s_per_token)
         self._requested_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}

@@ -56,6 +56,7 @@ def _register() -> None:
         analytics,
         dashboard,
         demo,
+        demo_live,
         gateway,
         ingest,
         invoice,

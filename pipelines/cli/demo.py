@@ -5,7 +5,9 @@ it, read back what Kafka and Prometheus hold beside the simulator's ground truth
 ingest the day into the lake and allocate it (Dagster runs), printing per-tenant usage,
 J per output token against ML.ENERGY and the allocation's fidelity, and ends with the
 month's draft invoices (PDF, CSV, JSON, FOCUS) per tenant, then the efficiency marts
-from the analysts' published snapshot and how to open the dashboard on them.
+from the analysts' published snapshot and how to open the dashboard on them. Last, live
+mode (`demo_live`): a real Triton server behind the metering gateway serves a replayed
+trace for three tenants, and the hourly pipeline bills it minutes later.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipelines.cli.app import app, state
 from pipelines.cli.demo_allocation import allocate_day
 from pipelines.cli.demo_analytics import analytics_summary
 from pipelines.cli.demo_invoices import invoice_month
+from pipelines.cli.demo_live import run_live_demo
 from pipelines.cli.progress import StepProgress
 from pipelines.cli.simulate import console, print_summary, run_simulation
 
@@ -42,6 +45,10 @@ def demo_command(
     ctx: typer.Context,
     hours: Annotated[float, typer.Option(min=0.1, max=168, help="Simulated hours.")] = 24.0,
     seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
+    live_seconds: Annotated[
+        float,
+        typer.Option(min=5, max=3600, help="Seconds of live Triton traffic at the end."),
+    ] = 45.0,
 ) -> None:
     """Start the local stack, simulate a day of a 32-GPU fleet, and show what landed where."""
     settings = state(ctx).settings()
@@ -73,6 +80,8 @@ def demo_command(
     invoice_month(settings, result)
     console.rule("[bold]8. Efficiency marts for analysts, and the dashboard")
     analytics_summary(settings)
+    # Real traffic now: a Triton server behind the metering gateway, billed live.
+    run_live_demo(settings, stack, duration_s=live_seconds, first_step=9)
     console.print(
         "\n[bold]Done.[/bold] Stop the stack with [cyan].venv/bin/gpuledger stack down[/cyan] "
         "(its Kafka keeps events in memory only)."
