@@ -296,6 +296,7 @@ def test_a_given_port_in_use_is_refused(installed: None, tmp_path: Path) -> None
         assert not triton.alive()
 
 
+@pytest.mark.slow  # 7 s: starts Triton three times
 def test_a_picked_port_taken_meanwhile_is_picked_again(
     installed: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,6 +352,7 @@ def _gone(process: psutil.Process) -> bool:
     return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow  # 6 s: waits out Triton's exit timeout
 def test_stop_with_an_open_stream_leaves_nothing_behind(installed: None, tmp_path: Path) -> None:
     # Triton 2.51 hangs on SIGTERM while a gRPC stream is open; guards against the
     # SIGKILL that follows leaving the backend stub deadlocked with its /dev/shm region.
