@@ -345,6 +345,48 @@ def test_a_tenant_named_in_the_body_is_never_billed(secured: LiveFleet) -> None:
     assert event["subject"] == "acme"
 
 
+def test_a_triton_failure_mid_stream_bills_the_tokens_produced(secured: LiveFleet) -> None:
+    fleet = secured
+    headers = {
+        "Authorization": f"Bearer {fleet.keys['globex']}",
+        # The demo model's test hook: fail after 4 tokens.
+        "X-Gpuledger-Triton-Param-Fail-After-Tokens": "4",
+    }
+    response = _complete(fleet, headers, max_tokens=20)
+    assert response.status_code == 502, response.text
+    request_id = response.headers["X-Request-Id"]
+    fleet.drain()
+    [event] = [e for e in _events(fleet.settings) if e["id"] == request_id]
+    assert event["subject"] == "globex"
+    assert event["data"]["status"] == "error"
+    assert event["data"]["completion_tokens"] == 4
+    assert event["data"]["prompt_tokens"] == count_tokens("data flow gpu")
+
+
+def test_a_client_leaving_mid_stream_bills_the_tokens_produced(secured: LiveFleet) -> None:
+    fleet = secured
+    body = {"model": DEMO_MODEL, "prompt": "data flow", "max_tokens": 400, "stream": True}
+    headers = {"Authorization": f"Bearer {fleet.keys['initech']}"}
+    chunks = 0
+    with httpx.stream(
+        "POST", f"{fleet.gateway_url}/v1/completions", json=body, headers=headers, timeout=30
+    ) as response:
+        request_id = response.headers["X-Request-Id"]
+        for line in response.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 5:
+                break  # the client goes away, 5 tokens in
+    fleet.drain()
+    assert wait_until(
+        lambda: any(e["id"] == request_id for e in _events(fleet.settings)), timeout_s=30
+    )
+    [event] = [e for e in _events(fleet.settings) if e["id"] == request_id]
+    assert event["data"]["status"] == "cancelled"
+    # What Triton produced before the cancellation reached it: at least what the client
+    # read, far from the 400 asked for (2 ms a token).
+    assert 5 <= event["data"]["completion_tokens"] < 400
+
+
 def test_over_the_limit_gets_429_and_no_event(secured: LiveFleet) -> None:
     fleet = secured
     # A key added while the gateway runs: it re-reads the key file.
