@@ -404,7 +404,7 @@ def test_over_the_limit_gets_429_and_no_event(secured: LiveFleet) -> None:
     assert float(limited.headers["Retry-After"]) > 0
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     assert len(events) == before + 3
-    assert [e["subject"] for e in events[before:]] == ["umbrella"] * 3
+    assert [e["subject"] for e in events].count("umbrella") == 3
 
 
 def test_keys_are_never_logged_or_stored(
