@@ -66,7 +66,7 @@ DROPPED = 10
 PACE = {"decode_s_per_token": 0.002, "prefill_s_per_token": 0.00005}
 
 
-def _clear_of_hour_end(needed_s: float = 120.0) -> None:
+def _clear_of_hour_end(needed_s: float = 45.0) -> None:
     """Start after the hour turns when it would turn within `needed_s`: each hour of the
     pipeline is checked on its own, and Triton's counter for a request finishing in the
     last scrape of an hour lands in the next."""
@@ -433,7 +433,7 @@ def test_keys_are_never_logged_or_stored(
     ]
     assert stored, "nothing written under the state directory"
     for key in secrets:
-        secret = key.rsplit("_", 1)[1]
+        secret = key.split("_", 2)[2]  # the secret may itself hold underscores
         assert secret not in caplog.text
         assert secret not in triton_log
         assert all(secret.encode() not in blob for blob in stored)

@@ -203,7 +203,11 @@ def test_a_period_cannot_close_before_its_grace(lifecycle: Lifecycle) -> None:
         finalize_period(lifecycle.settings, "2026-05", now=datetime(2026, 6, 2, tzinfo=UTC))
 
 
-@pytest.mark.parametrize("name", ["focus.csv", "focus.parquet"])
+# The CSV twin of the same rows is validated in the opt-in slow suite (11 s), and both
+# formats of the exporter are validated by tests/integration/test_focus_validator.py.
+@pytest.mark.parametrize(
+    "name", [pytest.param("focus.csv", marks=pytest.mark.slow), "focus.parquet"]
+)
 def test_the_pipelines_focus_files_pass_focus_validator(
     lifecycle: Lifecycle, name: str, tmp_path: Path
 ) -> None:

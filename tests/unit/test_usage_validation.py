@@ -249,7 +249,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return compact(document)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads=st.lists(mutated(), min_size=20, max_size=60))
 def test_vectorised_verdict_equals_pydantic(
     validator: BatchValidator, payloads: list[bytes]
