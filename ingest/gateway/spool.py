@@ -62,6 +62,10 @@ class Spool:
         self._segments = self._scan()
         self._next = self._recover()
         self._handle = None if not self._segments else self._segments[-1].path.open("ab")
+        # (segment first, byte offset, sequence) of the first unacknowledged record, and
+        # where each record of the last batch handed out ends: `ack` moves the cursor.
+        self._cursor: tuple[int, int, int] | None = None
+        self._handed_out: dict[int, tuple[int, int]] = {}
 
     # -- opening --------------------------------------------------------------------
 
@@ -83,26 +87,29 @@ class Spool:
             segments.append(_Segment(int(stem), path))
         return segments
 
-    def _records(self, segment: _Segment, *, last: bool) -> Iterator[tuple[int, int, bytes]]:
-        """(sequence, offset, payload) of a segment; a torn tail of the last segment
-        ends the iteration (the caller truncates it)."""
-        data = segment.path.read_bytes()
-        offset, sequence = 0, segment.first
-        while offset < len(data):
-            torn = f"spool {segment.path}, offset {offset}"
-            if offset + _HEADER.size > len(data):
-                if last:
-                    return
-                raise SpoolCorrupt(f"{torn}: a record header is cut short")
-            length, crc = _HEADER.unpack_from(data, offset)
-            end = offset + _HEADER.size + length
-            payload = data[offset + _HEADER.size : end]
-            if end > len(data) or length > MAX_RECORD_BYTES or zlib.crc32(payload) != crc:
-                if last:
-                    return
-                raise SpoolCorrupt(f"{torn}: the record does not match its checksum")
-            yield sequence, offset, payload
-            offset, sequence = end, sequence + 1
+    def _records(
+        self, segment: _Segment, *, last: bool, offset: int = 0, sequence: int | None = None
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """(sequence, offset, payload) of a segment's records from `offset` (the record
+        numbered `sequence`) on; a torn tail of the last segment ends the iteration (the
+        caller truncates it, or a writer is still writing it)."""
+        sequence = segment.first if sequence is None else sequence
+        with segment.path.open("rb") as handle:
+            handle.seek(offset)
+            while header := handle.read(_HEADER.size):
+                torn = f"spool {segment.path}, offset {offset}"
+                if len(header) < _HEADER.size:
+                    if last:
+                        return
+                    raise SpoolCorrupt(f"{torn}: a record header is cut short")
+                length, crc = _HEADER.unpack(header)
+                payload = handle.read(length) if length <= MAX_RECORD_BYTES else b""
+                if len(payload) != length or zlib.crc32(payload) != crc:
+                    if last:
+                        return
+                    raise SpoolCorrupt(f"{torn}: the record does not match its checksum")
+                yield sequence, offset, payload
+                offset, sequence = offset + _HEADER.size + length, sequence + 1
 
     def _recover(self) -> int:
         """The next sequence number; cuts a torn tail off the newest segment."""
@@ -162,19 +169,41 @@ class Spool:
         return self._next - 1 - self._acked
 
     def pending(self, limit: int | None = None) -> list[tuple[int, bytes]]:
-        """Records not yet acknowledged, oldest first."""
+        """Records not yet acknowledged, oldest first.
+
+        Reads from where the last acknowledged record ends (remembered from the batch
+        handed out before), so a forwarder polling a large backlog reads each record
+        once rather than re-reading its segment every batch."""
         with self._lock:
             segments = list(self._segments)
+            acked, cursor = self._acked, self._cursor
+        start, offset, sequence = 0, 0, None
+        firsts = [segment.first for segment in segments]
+        if cursor is not None and cursor[2] == acked + 1 and cursor[0] in firsts:
+            start, offset, sequence = firsts.index(cursor[0]), cursor[1], cursor[2]
+        else:  # from the start of the segment holding the first unacknowledged record
+            while start + 1 < len(segments) and segments[start + 1].first <= acked + 1:
+                start += 1
         out: list[tuple[int, bytes]] = []
-        for i, segment in enumerate(segments):
-            following = segments[i + 1].first if i + 1 < len(segments) else None
-            if following is not None and following <= self._acked + 1:
+        ends: dict[int, tuple[int, int]] = {}
+        for i in range(start, len(segments)):
+            segment, last = segments[i], i + 1 == len(segments)
+            records = self._records(
+                segment, last=last, offset=offset if i == start else 0,
+                sequence=sequence if i == start else None,
+            )  # fmt: skip
+            for record_sequence, record_offset, payload in records:
+                if record_sequence <= acked:
+                    continue
+                out.append((record_sequence, payload))
+                ends[record_sequence] = (segment.first, record_offset + _HEADER.size + len(payload))
+                if limit is not None and len(out) >= limit:
+                    records.close()
+                    break
+            else:
                 continue
-            for sequence, _, payload in self._records(segment, last=following is None):
-                if sequence > self._acked:
-                    out.append((sequence, payload))
-                    if limit is not None and len(out) >= limit:
-                        return out
+            break
+        self._handed_out = ends
         return out
 
     def ack(self, sequence: int) -> None:
@@ -191,6 +220,8 @@ class Spool:
             tmp.replace(self.directory / "acked")
             _fsync_dir(self.directory)
             self._acked = sequence
+            end = self._handed_out.get(sequence)
+            self._cursor = None if end is None else (*end, sequence + 1)
             while len(self._segments) > 1 and self._segments[1].first <= sequence + 1:
                 self._segments.pop(0).path.unlink()
 

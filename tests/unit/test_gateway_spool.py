@@ -87,3 +87,51 @@ def test_every_record_is_pending_exactly_once_until_acked(
     reopened = Spool(directory, segment_bytes=segment_bytes)
     assert reopened.pending() == list(enumerate(written, start=1))[ack:]
     assert reopened.pending_count == len(written) - ack
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.lists(st.binary(max_size=30), min_size=1, max_size=4)),
+            st.tuples(st.just("forward"), st.integers(min_value=1, max_value=6)),
+            st.tuples(st.just("ack"), st.integers(min_value=0, max_value=30)),
+            st.tuples(st.just("reopen"), st.none()),
+        ),
+        max_size=25,
+    ),
+    segment_bytes=st.sampled_from([1, 40, 1 << 20]),
+)
+def test_pending_follows_acks_as_a_forwarder_uses_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[str, object]],
+    segment_bytes: int,
+) -> None:
+    """Guards the read cursor `pending` keeps between batches: whatever the interleaving
+    of writes, handed-out batches, acks (of the batch's end or of any written record)
+    and reopens, pending is exactly the unacknowledged records, in order."""
+    directory = tmp_path_factory.mktemp("spool")
+    spool = Spool(directory, segment_bytes=segment_bytes)
+    written: list[bytes] = []
+    acked = 0
+    for op, arg in steps:
+        if op == "append":
+            assert isinstance(arg, list)
+            spool.append_many(arg)
+            written.extend(arg)
+        elif op == "forward":  # what the forwarder does: a batch, then ack its end
+            assert isinstance(arg, int)
+            batch = spool.pending(limit=arg)
+            assert batch == list(enumerate(written, start=1))[acked : acked + arg]
+            if batch:
+                spool.ack(batch[-1][0])
+                acked = batch[-1][0]
+        elif op == "ack":
+            assert isinstance(arg, int)
+            target = min(arg, len(written))
+            spool.ack(target)
+            acked = max(acked, target)
+        else:
+            spool.close()
+            spool = Spool(directory, segment_bytes=segment_bytes)
+        assert spool.pending() == list(enumerate(written, start=1))[acked:]
