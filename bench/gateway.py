@@ -91,16 +91,26 @@ class RawHttp:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.writer.write(
+        request = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{head}\r\n".encode()
             + body
         )
-        status_line = await self.reader.readline()
+        for _attempt in (1, 2):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None
+            self.writer.write(request)
+            status_line = await self.reader.readline()
+            if status_line:
+                break
+            # The server closed the idle keep-alive connection (uvicorn: after 5 s, e.g.
+            # while a long direct round ran): connect again and resend, once.
+            self.close()
+            self.writer = None
+        else:
+            raise SystemExit(f"the gateway closed the connection twice on {path}")
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
