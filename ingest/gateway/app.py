@@ -129,7 +129,8 @@ class Activity:
 
 
 class SpoolWriter:
-    """One thread appending queued payloads to the spool, all waiting ones per fsync."""
+    """One thread appending queued payloads to the spool, all waiting ones per fsync;
+    or, when nothing else is being written, the caller appends at once (`write_if_idle`)."""
 
     def __init__(self, spool: Spool, *, on_written: Callable[[], None] | None = None) -> None:
         self.spool = spool
@@ -139,10 +140,34 @@ class SpoolWriter:
         )
         self._closed = False
         self._lock = threading.Lock()
+        #: Held while appending: by the thread for a batch, or by `write_if_idle`.
+        self._writing = threading.Lock()
         self.batches = 0
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="gateway-spool-writer", daemon=True)
         self._thread.start()
+
+    def write_if_idle(self, payload: bytes) -> int | None:
+        """Append `payload` durably in the calling thread and return its sequence when no
+        other write is queued or under way; None otherwise (then `submit` it).
+
+        At low load this spares the request the group commit's two thread hand-offs
+        (to the writer and back to the event loop: about 0.5 ms of the gateway's added
+        latency here, bench/gateway.py); under load the thread batches many per fsync."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the spool writer is closed")
+            if not self._queue.empty() or not self._writing.acquire(blocking=False):
+                return None
+        try:
+            sequence = self.spool.append(payload)
+            self.batches += 1
+            self.written += 1
+        finally:
+            self._writing.release()
+        if self._on_written is not None:
+            self._on_written()
+        return sequence
 
     def submit(self, payload: bytes) -> concurrent.futures.Future[int]:
         """Queue one payload; the future resolves to its sequence once it is on disk."""
@@ -170,15 +195,16 @@ class SpoolWriter:
                     break
                 batch.append(more)
             try:
-                sequences = self.spool.append_many([payload for payload, _ in batch])
+                with self._writing:
+                    sequences = self.spool.append_many([payload for payload, _ in batch])
+                    self.batches += 1
+                    self.written += len(batch)
             except Exception as exc:
                 log.error("spool %s: appending %d events failed: %s", self.spool.directory,
                           len(batch), exc)  # fmt: skip
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
-            self.batches += 1
-            self.written += len(batch)
             for (_, future), sequence in zip(batch, sequences, strict=True):
                 future.set_result(sequence)
             if self._on_written is not None:
@@ -539,25 +565,44 @@ class _Call:
             g.completion_tokens,
             f" ({g.error})" if g.error else "",
         )
-        future = self.submit()
-        if future is None:
+        payload = self.payload()
+        if payload is None:
             return False
         try:
-            await asyncio.wrap_future(future)
+            # Alone in the gateway, write it here and now (one fsync, ~0.2 ms, with the
+            # loop waiting: nobody else is); otherwise group-commit it on the thread.
+            alone = self.gw.activity.inflight() == 0
+            if alone and self.gw.writer.write_if_idle(payload) is not None:
+                return True
+            # Queued synchronously: a cancellation of this task after it cannot lose it.
+            await asyncio.wrap_future(self.gw.writer.submit(payload))
         except (RuntimeError, OSError, GpuledgerError) as exc:
-            log.error("request %s: usage event NOT recorded: %s", self.request_id, exc)
-            self.gw.outcomes["unmetered"] += 1
+            self._not_recorded(exc)
             return False
         return True
+
+    def payload(self) -> bytes | None:
+        """The usage event's JSON; None (and said so) if it does not validate."""
+        try:
+            return self.event().to_json_bytes()
+        except ValidationError as exc:
+            self._not_recorded(exc)
+            return None
+
+    def _not_recorded(self, exc: Exception) -> None:
+        log.error("request %s: usage event NOT recorded: %s", self.request_id, exc)
+        self.gw.outcomes["unmetered"] += 1
 
     def submit(self) -> concurrent.futures.Future[int] | None:
         """Queue the usage event for the spool, synchronously: a cancellation of the
         request's task after this cannot lose it."""
+        payload = self.payload()
+        if payload is None:
+            return None
         try:
-            return self.gw.writer.submit(self.event().to_json_bytes())
-        except (ValidationError, RuntimeError) as exc:
-            log.error("request %s: usage event NOT recorded: %s", self.request_id, exc)
-            self.gw.outcomes["unmetered"] += 1
+            return self.gw.writer.submit(payload)
+        except RuntimeError as exc:
+            self._not_recorded(exc)
             return None
 
     def cancelled(self) -> None:

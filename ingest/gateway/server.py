@@ -209,8 +209,12 @@ class Gateway:
     def serve(
         self, *, ready: threading.Event | None = None, stop: threading.Event | None = None
     ) -> None:
-        """Serve until SIGINT/SIGTERM (main thread) or `stop` is set."""
-        asyncio.run(self._serve(ready, stop))
+        """Serve until SIGINT/SIGTERM (main thread) or `stop` is set, on uvloop (libuv's
+        event loop: a cheaper turn per request than asyncio's, bench/gateway.py)."""
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._serve(ready, stop))
 
     async def _serve(self, ready: threading.Event | None, stop: threading.Event | None) -> None:
         server = self._server
