@@ -11,7 +11,8 @@ serves one-token requests. Measured in the same run, alternating in rounds:
   minimal keep-alive HTTP/1.1 client, and again from httpx, which costs about 1 ms of
   client-side Python per request), which checks
   the key and its limit, calls Triton the same way, builds and validates the usage
-  event, group-commits it to the spool (fsync) and answers; its forwarder sends the
+  event, writes it to the spool (fsync; group-committed while other requests are in
+  flight) and answers; its forwarder sends the
   events to a real Kafka (Tansu) meanwhile. The gateway runs as deployed, in its own
   process (`gpuledger gateway serve`): in the benchmark's process its threads would
   share the client's GIL, which adds milliseconds that no deployment pays.
