@@ -30,7 +30,7 @@ from ingest.endpoints import prometheus_url
 from ingest.gateway.keys_file import add_key
 from ingest.gateway.server import GatewayThread
 from ingest.settings import Settings, TritonServerSettings
-from ingest.simulator.activity_exporter import ActivityExporter, ActivityGpu
+from ingest.simulator.activity_exporter import ActivityExporter, ActivityGpu, MeanConcurrency
 from ingest.stack import LocalStack
 from ingest.stack.process import wait_until
 from ingest.triton.server import TritonServer
@@ -155,7 +155,7 @@ def live_fleet(
                 ActivityGpu(hostname=hostname, uuid=u, local_index=i)
                 for i, u in enumerate(server.gpu_uuids)
             ],
-            gateway.app.state.activity.inflight_by_gpu,
+            MeanConcurrency(gateway.app.state.activity.busy_seconds_by_gpu),
         ).start()
         cleanup.callback(exporter.stop)
         registered: list[Path] = []

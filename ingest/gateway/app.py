@@ -93,36 +93,62 @@ class Activity:
     """Requests in flight, and their share of each GPU (a live DCGM simulator reads it).
 
     A request served by a server with N GPUs (a tensor-parallel group) counts 1/N on each.
-    Thread-safe: read from other threads.
+    Besides the shares now, it keeps each GPU's request-seconds in flight since the
+    start (the integral of its share over time), so a reader polling every 50 ms still
+    sees a 10 ms request. Thread-safe: read from other threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._inflight: dict[int, tuple[str, ...]] = {}
         self._ids = itertools.count()
+        self._monotonic = monotonic
+        self._share: dict[str, float] = {}
+        self._busy_s: dict[str, float] = {}
+        self._since = monotonic()
+
+    def _advance(self) -> None:
+        """Add the shares held since the last change to the request-seconds (locked)."""
+        now = self._monotonic()
+        elapsed = max(0.0, now - self._since)
+        for gpu, share in self._share.items():
+            self._busy_s[gpu] = self._busy_s.get(gpu, 0.0) + share * elapsed
+        self._since = now
 
     def begin(self, gpu_uuids: Sequence[str]) -> int:
         with self._lock:
+            self._advance()
             token = next(self._ids)
-            self._inflight[token] = tuple(gpu_uuids)
+            gpus = tuple(gpu_uuids)
+            self._inflight[token] = gpus
+            for gpu in gpus:
+                self._share[gpu] = self._share.get(gpu, 0.0) + 1.0 / len(gpus)
             return token
 
     def end(self, token: int) -> None:
         with self._lock:
-            self._inflight.pop(token, None)
+            gpus = self._inflight.pop(token, None)
+            if gpus is None:
+                return
+            self._advance()
+            for gpu in gpus:
+                left = self._share[gpu] - 1.0 / len(gpus)
+                self._share[gpu] = left if left > 1e-9 else 0.0
 
     def inflight(self) -> int:
         with self._lock:
             return len(self._inflight)
 
     def inflight_by_gpu(self) -> dict[str, float]:
+        """Each GPU's share of the requests in flight now."""
         with self._lock:
-            groups = list(self._inflight.values())
-        share: dict[str, float] = {}
-        for gpus in groups:
-            for gpu in gpus:
-                share[gpu] = share.get(gpu, 0.0) + 1.0 / len(gpus)
-        return share
+            return {gpu: share for gpu, share in self._share.items() if share > 0}
+
+    def busy_seconds_by_gpu(self) -> dict[str, float]:
+        """Each GPU's request-seconds in flight since the start (share × time)."""
+        with self._lock:
+            self._advance()
+            return dict(self._busy_s)
 
 
 # -- group-committed spool writes --------------------------------------------------------
@@ -317,7 +343,7 @@ class _Gateway:
         self.clock = clock
         self.monotonic = monotonic
         self.pool = ServerPool(settings.gateway.servers)
-        self.activity = Activity()
+        self.activity = Activity(monotonic)
         self.buckets: dict[str, tuple[float, int, TokenBucket]] = {}
         self.outcomes: Counter[str] = Counter()
 

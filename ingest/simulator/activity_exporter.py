@@ -38,6 +38,33 @@ from models.errors import InputError, ServiceError
 Clock = Callable[[], float]
 ActivitySource = Callable[[], Mapping[str, float]]
 
+
+class MeanConcurrency:
+    """An `ActivitySource` that answers each GPU's mean concurrency since its previous
+    call, from a source of cumulative request-seconds in flight (the gateway's
+    `Activity.busy_seconds_by_gpu`): the exporter integrates power once per tick, and
+    a request shorter than a tick, which the concurrency at the tick would miss, still
+    raises the power over that tick by its share."""
+
+    def __init__(
+        self, busy_seconds: Callable[[], Mapping[str, float]], clock: Clock = time.monotonic
+    ) -> None:
+        self._busy_seconds = busy_seconds
+        self._clock = clock
+        self._last_busy = dict(busy_seconds())
+        self._last_t = clock()
+
+    def __call__(self) -> dict[str, float]:
+        busy, now = dict(self._busy_seconds()), self._clock()
+        elapsed = now - self._last_t
+        mean = {}
+        if elapsed > 0:
+            for gpu, seconds in busy.items():
+                mean[gpu] = max(0.0, seconds - self._last_busy.get(gpu, 0.0)) / elapsed
+        self._last_busy, self._last_t = busy, now
+        return mean
+
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Driver version label of the simulated GPUs (dcgm-exporter's DCGM_FI_DRIVER_VERSION).
 DRIVER_VERSION = "560.35.03"

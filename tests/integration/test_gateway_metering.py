@@ -252,7 +252,7 @@ def test_the_pipeline_allocates_and_bills_the_metered_tokens(metered: MeteredRun
             billed[line["token_class"]] += int(line["quantity"])
         assert billed["prompt"] == prompt and billed["completion"] == completion
         # The measured energy of the GPU reached the tenant's requests.
-        assert sum(float(u["energy_kwh"]) for u in usage) > 0
+        assert sum(float(u["energy_kwh"]) for u in usage) > 0, (tenant, usage)
 
 
 def test_reconciliation_matches_triton_counters(metered: MeteredRun) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.simulator.activity_exporter import ActivityExporter, ActivityGpu
+from ingest.simulator.activity_exporter import ActivityExporter, ActivityGpu, MeanConcurrency
 from ingest.simulator.telemetry import METRICS
 from models.errors import InputError
 
@@ -143,3 +143,42 @@ def test_registration_points_prometheus_at_each_node(tmp_path) -> None:  # type:
 def test_unknown_gpu_type_or_model_is_an_input_error(gpu: ActivityGpu, field: str) -> None:
     with pytest.raises(InputError, match=field):
         ActivityExporter([gpu], dict)
+
+
+def test_a_request_shorter_than_a_tick_still_draws_power() -> None:
+    """Guards against power that only sees the requests in flight at each tick: at a
+    fast pace, a tenant's 10 ms requests fell between 50 ms ticks, the simulated GPU
+    stayed at idle, and the tenant was allocated no energy (a flaky integration test)."""
+    from ingest.gateway.app import Activity
+
+    clock = FakeClock()
+    activity = Activity(clock)
+    source = MeanConcurrency(activity.busy_seconds_by_gpu, clock)
+    exporter = ActivityExporter([GPU_A], source, clock=clock, tick_s=0.05)
+    exporter.tick()
+    start_mj = exporter.energy_mj(GPU_A.uuid)
+    idle_w = exporter.power_w(GPU_A.uuid, 0.0)
+    for _ in range(20):  # 1 s: each 50 ms tick holds one 10 ms request between ticks
+        clock.now += 0.02
+        token = activity.begin([GPU_A.uuid])
+        clock.now += 0.01
+        activity.end(token)
+        clock.now += 0.02
+        exporter.tick()
+    assert activity.inflight_by_gpu() == {}  # nothing in flight at any tick
+    dynamic_mj = exporter.energy_mj(GPU_A.uuid) - start_mj - idle_w * 1.0 * 1000.0
+    # A fifth of the time at concurrency 1, give or take the first tick's ramp.
+    expected_mj = (exporter.power_w(GPU_A.uuid, 0.2) - idle_w) * 1.0 * 1000.0
+    assert dynamic_mj == pytest.approx(expected_mj, rel=0.06)
+
+
+def test_mean_concurrency_is_request_seconds_over_elapsed_time() -> None:
+    clock = FakeClock()
+    busy = {GPU_A.uuid: 0.0}
+    mean = MeanConcurrency(lambda: busy, clock)
+    clock.now += 2.0
+    busy[GPU_A.uuid] = 3.0  # three requests in flight for 1 s each, over 2 s
+    busy[GPU_B.uuid] = 0.5  # a GPU seen for the first time
+    assert mean() == {GPU_A.uuid: 1.5, GPU_B.uuid: 0.25}
+    clock.now += 1.0
+    assert mean() == {GPU_A.uuid: 0.0, GPU_B.uuid: 0.0}
