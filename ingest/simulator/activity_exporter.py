@@ -4,7 +4,8 @@ The batch simulator and `live.LiveExporter` replay a precomputed fleet. Behind a
 Triton server there is nothing to precompute: what a GPU does is what the metering
 gateway has in flight on it now. `ActivityExporter` polls an activity source (GPU UUID
 → concurrent requests, a tensor-parallel request counting 1/k on each of its k GPUs)
-every `tick_s`, turns it into power with the same calibrated curve the simulator uses
+every `tick_s` (live: `MeanConcurrency`, the mean over the tick, so a request shorter
+than a tick still counts), turns it into power with the same calibrated curve the simulator uses
 (`calibration.DecodeCurve`: loaded-idle power plus dynamic power that grows with the
 decode batch, from ML.ENERGY's measured H100 curve), and integrates that power into
 the energy counter. Every `collect_interval_s` it takes a collection, as
