@@ -68,6 +68,74 @@ def landed_next_offset(directory: Path) -> int | None:
     return last + 1 if last >= 0 else None
 
 
+#: Beside a topic's landing partitions: the Kafka topic id its offsets belong to.
+TOPIC_ID_FILE = "topic_id"
+_NO_TOPIC_ID = {"", "None", "00000000-0000-0000-0000-000000000000"}
+
+
+def kafka_topic_id(options: dict[str, object], name: str) -> str | None:
+    """The topic's id: Kafka (2.8 on) and Tansu give a topic a new UUID when it is
+    created, so a topic deleted and created again under the same name, or one on a
+    broker that lost its data (Tansu's in-memory store after a restart), has another.
+    None when the broker reports none."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**options)
+    try:
+        described = admin.describe_topics([name])
+    finally:
+        admin.close()
+    topic_id = str(described[0].get("topic_id")) if described else ""
+    return None if topic_id in _NO_TOPIC_ID else topic_id
+
+
+def check_topic_generation(lake: Lake, name: str, topic_id: str | None) -> None:
+    """Refuse to read on from landed offsets that belong to an earlier topic of the
+    same name: its offsets started again at 0, so "landed up to offset N" would skip
+    the new topic's first N events without a word. The first ingest of a topic records
+    its id; a broker that reports none is not checked."""
+    if topic_id is None:
+        return
+    path = lake.usage_landing / f"topic={name}" / TOPIC_ID_FILE
+    if path.is_file():
+        landed = path.read_text(encoding="utf-8").strip()
+        if landed and landed != topic_id:
+            raise ServiceError(
+                f"Kafka topic {name!r} is not the one the lake landed: its id is now "
+                f"{topic_id}, the landed offsets belong to {landed} (the topic was "
+                "deleted and created again, or the broker lost its data), so they no "
+                "longer say what was read. Nothing was ingested. To ingest the new topic, "
+                f"move {path.parent} aside (the hours already built keep their events) "
+                "or publish to a new topic name."
+            )
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"{topic_id}\n", encoding="utf-8")
+
+
+def set_aside_landing_of_a_replaced_topic(settings: Settings, name: str) -> Path | None:
+    """For a demo's own scratch lake: when the broker's topic `name` is not the one the
+    lake landed (the local stack's in-memory Kafka restarted), move that topic's landing
+    files aside (under `usage/landing-replaced/`), so the next ingest reads the new topic
+    from its start. Returns where they went, or None when nothing had to move. Hours
+    already built keep their events; a rebuild of one reads only the new topic."""
+    lake = Lake(settings.lake_path)
+    topic_dir = lake.usage_landing / f"topic={name}"
+    landed_file = topic_dir / TOPIC_ID_FILE
+    if not landed_file.is_file():
+        return None
+    landed = landed_file.read_text(encoding="utf-8").strip()
+    current = None
+    if name in check_kafka(settings):
+        current = kafka_topic_id(kafka_client_options(settings), name)
+    if current is None or current == landed:
+        return None
+    target = lake.root / "usage" / "landing-replaced" / f"topic={name}" / f"id={landed}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    topic_dir.rename(target)
+    return target
+
+
 def _read_registry(path: Path) -> list[dict[str, object]]:
     """The entries of a registry file (each with an `id`); problems name the file."""
     try:
@@ -322,6 +390,13 @@ def consume(
     lake = Lake(settings.lake_path)
     options = kafka_client_options(settings)
     where = options["bootstrap_servers"]
+    try:
+        topic_id = kafka_topic_id(options, name)
+    except KafkaError as exc:
+        raise ServiceError(
+            f"Kafka at {where}: describing topic {name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    check_topic_generation(lake, name, topic_id)
     try:
         consumer = KafkaConsumer(
             **options,

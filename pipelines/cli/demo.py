@@ -35,7 +35,7 @@ from pipelines.cli.app import app, state
 from pipelines.cli.demo_allocation import allocate_day
 from pipelines.cli.demo_analytics import analytics_summary
 from pipelines.cli.demo_invoices import invoice_month
-from pipelines.cli.demo_live import run_live_demo
+from pipelines.cli.demo_live import note_replaced_topic, run_live_demo
 from pipelines.cli.progress import StepProgress
 from pipelines.cli.simulate import console, print_summary, run_simulation
 
@@ -73,6 +73,7 @@ def demo_command(
     console.rule("[bold]4. What Prometheus holds")
     prometheus_series(settings, result)
     console.rule("[bold]5. Ingest into the lake (Dagster, one run for the day)")
+    note_replaced_topic(settings)
     ingest_day(settings, result)
     console.rule("[bold]6. Allocate energy and GPU-seconds to requests (Dagster + dbt)")
     allocate_day(settings, result)

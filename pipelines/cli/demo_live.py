@@ -83,6 +83,20 @@ def demo_live_command(
     )
 
 
+def note_replaced_topic(settings: Settings) -> None:
+    """The demo's Kafka keeps topics in memory: after `stack down` the topic is a new one
+    (a new id, offsets from 0) that ingest refuses to read on from the old offsets. The
+    demo owns its lake, so it sets the old topic's landing aside and says so."""
+    from ingest.usage_consumer import set_aside_landing_of_a_replaced_topic
+
+    moved = set_aside_landing_of_a_replaced_topic(settings, settings.kafka.topic)
+    if moved is not None:
+        console.print(
+            f"  Kafka's topic {settings.kafka.topic} is a new one since the last demo (the "
+            f"stack restarted): the old topic's landing files moved to {moved}"
+        )
+
+
 def run_live_demo(
     settings: Settings,
     stack: LocalStack,
@@ -204,6 +218,7 @@ def _bill(live: Settings, report: LoadReport, step: int) -> None:
     console.rule(f"[bold]{step}. Live: the hourly pipeline on the live data (provisional)")
     if not live.rate_card_path.exists():
         live.rate_card_path.write_text(live_rate_card_text())
+    note_replaced_topic(live)
     with StepProgress(console) as progress:
         runs = [
             progress.run(
