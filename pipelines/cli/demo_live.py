@@ -144,7 +144,8 @@ def run_live_demo(
             )
         counters = fleet.gateway.forwarder.counters()
         console.print(f"  forwarder: {counters['forwarded']} events to {LIVE_TOPIC}")
-    _bill(live, report, next(steps))
+        server_name = fleet.server.server_name
+    _bill(live, report, next(steps), server_name)
 
 
 def _replay(
@@ -201,7 +202,7 @@ def _print_load(report: LoadReport) -> None:
         )
 
 
-def _bill(live: Settings, report: LoadReport, step: int) -> None:
+def _bill(live: Settings, report: LoadReport, step: int, server_name: str) -> None:
     from pipelines.materialize import (
         materialize_allocation,
         materialize_assurance,
@@ -295,6 +296,13 @@ def _bill(live: Settings, report: LoadReport, step: int) -> None:
             "yes" if flagged else "",
         )
     console.print(table)
+    if any(flagged and server != server_name for server, *_, flagged in recon):
+        console.print(
+            f"  This run's server is {server_name}. Flagged rows of other servers are earlier "
+            "live demos in this hour whose events left with a topic the stack lost when it "
+            "restarted (their landing files are set aside in the lake): Triton counted "
+            "them, this lake's topic has none."
+        )
     drafts = live.invoices_path / "draft" / f"{start:%Y-%m}"
     console.print(
         f"  {len(ended)} requests metered; draft invoices in {drafts}\n"
